@@ -1,0 +1,170 @@
+"""The wire protocol: one envelope for every message, and the workflow specification users submit."""
+
+from __future__ import annotations
+
+import enum
+import os
+import time
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = [
+    "Envelope",
+    "InvalidSpec",
+    "MessageType",
+    "Priority",
+    "TaskSpec",
+    "WorkflowSpec",
+    "ValidationError",
+    "new_id",
+    "validate_workflow",
+]
+
+
+def new_id() -> str:
+    """A 26-char id that sorts by creation time (ms), so listing by key is listing by age."""
+    return f"{time.time_ns() // 1_000_000:013x}{os.urandom(7).hex()[:13]}"
+
+
+class Priority(str, enum.Enum):
+    LOW = "LOW"
+    NORMAL = "NORMAL"
+    HIGH = "HIGH"
+    CRITICAL = "CRITICAL"
+
+    @property
+    def amqp(self) -> int:
+        return _AMQP_PRIORITY[self]
+
+
+# RabbitMQ advises few priority levels: each costs an internal queue. MAX_PRIORITY is x-max-priority.
+_AMQP_PRIORITY = {Priority.LOW: 1, Priority.NORMAL: 4, Priority.HIGH: 7, Priority.CRITICAL: 9}
+MAX_PRIORITY = 9
+
+
+class MessageType(str, enum.Enum):
+    TASK = "task"
+    STATUS = "status"
+    RESULT = "result"
+    ERROR = "error"
+    EVENT = "event"
+    CONTROL = "control"
+
+
+class Envelope(BaseModel):
+    """Every message between services and agents. `subject` names the event or command within a type."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: MessageType
+    subject: str = ""
+    message_id: str = Field(default_factory=new_id)
+    timestamp: float = Field(default_factory=time.time)
+    source: str = ""
+    target: str = ""  # a capability, or an agent name
+    priority: Priority = Priority.NORMAL
+    payload: dict[str, Any] = Field(default_factory=dict)
+    ack_required: bool = True
+    timeout_s: float | None = None
+    workflow_id: str | None = None
+    task_id: str | None = None
+    attempt: int = 0
+    correlation_id: str | None = None
+    reply_to: str | None = None
+
+    def encode(self) -> bytes:
+        return orjson.dumps(self.model_dump(mode="json", exclude_defaults=True))
+
+    @classmethod
+    def decode(cls, body: bytes) -> Envelope:
+        """Raises ValidationError (a ValueError) on anything that is not a well-formed envelope."""
+        return cls.model_validate_json(body)
+
+
+class InvalidSpec(ValueError):
+    """A submitted workflow that must be refused; `code` is stable, the message names the problem."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128)
+    capability: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    payload: dict[str, Any] = Field(default_factory=dict)
+    depends_on: list[str] = Field(default_factory=list)
+    priority: Priority = Priority.NORMAL
+    timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    agent: str | None = Field(None, min_length=1, max_length=128, description="Route to this agent only.")
+
+    @field_validator("depends_on")
+    @classmethod
+    def _no_repeated_parent(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("depends_on lists a parent twice")
+        return value
+
+
+class WorkflowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=256)
+    tasks: list[TaskSpec]
+
+
+def validate_workflow(spec: WorkflowSpec, *, max_payload_bytes: int, max_tasks: int) -> None:
+    """Checks what a schema cannot: ids, references, acyclicity, sizes. Raises InvalidSpec."""
+    if not spec.tasks:
+        raise InvalidSpec("empty_workflow", "a workflow needs at least one task")
+    if len(spec.tasks) > max_tasks:
+        raise InvalidSpec("too_many_tasks", f"a workflow has at most {max_tasks} tasks, got {len(spec.tasks)}")
+    ids: set[str] = set()
+    for task in spec.tasks:
+        if task.id in ids:
+            raise InvalidSpec("duplicate_task_id", f"duplicate task id {task.id!r}")
+        ids.add(task.id)
+        size = len(orjson.dumps(task.payload))
+        if size > max_payload_bytes:
+            raise InvalidSpec("payload_too_large", f"task {task.id!r}: payload is {size} bytes, the limit is {max_payload_bytes}")
+    for task in spec.tasks:
+        for parent in task.depends_on:
+            if parent not in ids:
+                raise InvalidSpec("unknown_dependency", f"task {task.id!r} depends on unknown task {parent!r}")
+            if parent == task.id:
+                raise InvalidSpec("dependency_cycle", f"task {task.id!r} depends on itself")
+    cycle = _find_cycle({t.id: t.depends_on for t in spec.tasks})
+    if cycle:
+        raise InvalidSpec("dependency_cycle", "dependency cycle: " + " -> ".join(cycle))
+
+
+def _find_cycle(parents: dict[str, list[str]]) -> list[str] | None:
+    # Iterative DFS (a deep chain must not hit the recursion limit); returns the cycle's path if any.
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    for root in parents:
+        if root in state:
+            continue
+        path: list[str] = []
+        stack: list[tuple[str, int]] = [(root, 0)]
+        while stack:
+            node, index = stack.pop()
+            if index == 0:
+                state[node] = 1
+                path.append(node)
+            edges = parents[node]
+            if index < len(edges):
+                stack.append((node, index + 1))
+                nxt = edges[index]
+                if state.get(nxt) == 1:
+                    return path[path.index(nxt):] + [nxt]
+                if nxt not in state:
+                    stack.append((nxt, 0))
+            else:
+                state[node] = 2
+                path.pop()
+    return None

@@ -1,0 +1,117 @@
+"""The embedded backend: one SQLite file in WAL mode, shared by every local service process.
+
+Every read-write transaction starts with BEGIN IMMEDIATE, so writers are serialized across processes:
+that is serializable isolation. With WAL, a commit is in the log before COMMIT returns, so killing a
+process with SIGKILL never loses a committed transaction (synchronous=FULL also survives power loss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from switchboard.state.base import Store, StoreUnavailable, Transaction
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
+_MAX_TRIES = 50
+
+
+class SqliteTransaction(Transaction):
+    def __init__(self, db: sqlite3.Connection):
+        self._db = db
+
+    def get(self, key: bytes) -> bytes | None:
+        row = self._db.execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set(self, key: bytes, value: bytes) -> None:
+        self._db.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (key, value))
+
+    def clear(self, key: bytes) -> None:
+        self._db.execute("DELETE FROM kv WHERE k = ?", (key,))
+
+    def get_range(self, begin, end, *, limit=0, reverse=False):
+        order = "DESC" if reverse else "ASC"
+        rows = self._db.execute(
+            f"SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k {order} LIMIT ?",
+            (begin, end, limit or -1),
+        )
+        return rows.fetchall()
+
+    def clear_range(self, begin: bytes, end: bytes) -> None:
+        self._db.execute("DELETE FROM kv WHERE k >= ? AND k < ?", (begin, end))
+
+
+class SqliteStore(Store):
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL"):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._synchronous = synchronous
+        # One thread owns the connection: sqlite3 connections are not shared across threads, and one
+        # writer per process is all SQLite allows anyway.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._local = threading.local()
+
+    def _connection(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._open()
+        return db
+
+    def _open(self) -> sqlite3.Connection:
+        # Switching a new file to WAL needs an exclusive lock, and SQLite answers SQLITE_BUSY at once there
+        # instead of calling the busy handler: processes opening a fresh file together must retry.
+        for attempt in range(_MAX_TRIES):
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={self._synchronous}")
+                db.execute(_SCHEMA)
+                return db
+            except sqlite3.OperationalError as exc:
+                db.close()
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                last = exc
+                time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
+        raise StoreUnavailable(f"sqlite store busy after {_MAX_TRIES} tries to open: {last}")
+
+    def _run(self, fn, args, kwargs):
+        db = self._connection()
+        last: Exception | None = None
+        for attempt in range(_MAX_TRIES):
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:  # another process holds the write lock past `timeout`
+                last = exc
+                time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
+                continue
+            try:
+                result = fn(SqliteTransaction(db), *args, **kwargs)
+                db.execute("COMMIT")
+                return result
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+        raise StoreUnavailable(f"sqlite store busy after {_MAX_TRIES} tries: {last}")
+
+    async def transact(self, fn, /, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, fn, args, kwargs)
+
+    def _close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=True)
