@@ -1,0 +1,216 @@
+"""RabbitMQ for every service and agent: one robust connection, confirmed publishes, managed consumers.
+
+A consumer's handler gets a decoded Envelope. The bus acks after the handler returns, requeues on a
+Transient error (after a short pause, so an outage does not become a hot loop), and dead-letters, with
+the reason, anything that does not parse or that the handler rejects: a bad message is never retried
+forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from switchboard import telemetry
+from switchboard.protocol import Envelope
+from switchboard.settings import Settings
+from switchboard.state.base import StoreUnavailable
+from switchboard.topology import Topology
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Envelope, AbstractIncomingMessage], Awaitable[None]]
+REASON_HEADER = "x-switchboard-reason"
+QUEUE_HEADER = "x-switchboard-queue"
+_TRANSIENT_PAUSE_S = 0.5
+
+
+class Transient(Exception):
+    """Processing failed for a reason that will pass (a dependency is down): requeue the message."""
+
+
+class Consumer:
+    """Consumes one or more queues on one channel, so the prefetch bounds them together."""
+
+    def __init__(self, bus: Bus, channel: AbstractChannel, queues: list[AbstractQueue], handler: Handler):
+        self._bus, self._channel, self._queues, self._handler = bus, channel, queues, handler
+        self._tags: list[tuple[AbstractQueue, str]] = []
+        self._in_flight: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        for queue in self._queues:
+            self._tags.append((queue, await queue.consume(functools.partial(self._deliver, queue.name))))
+
+    async def _deliver(self, queue: str, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        self._in_flight.add(task)
+        try:
+            await self._process(queue, message)
+        finally:
+            self._in_flight.discard(task)
+
+    async def _process(self, queue: str, message: AbstractIncomingMessage) -> None:
+        try:
+            envelope = Envelope.decode(message.body)
+        except ValueError as exc:
+            await self._bus.dead_letter(message, f"unparseable message: {_first_line(exc)}", queue)
+            await message.ack()
+            telemetry.MESSAGES.labels(queue, "dead_lettered").inc()
+            return
+        try:
+            await self._handler(envelope, message)
+        except (Transient, StoreUnavailable, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            log.warning("requeueing message from %s: %s", queue, exc)
+            await asyncio.sleep(_TRANSIENT_PAUSE_S)
+            if not message.processed:
+                await message.nack(requeue=True)
+            telemetry.MESSAGES.labels(queue, "requeued").inc()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("dead-lettering message from %s", queue)
+            await self._bus.dead_letter(message, f"{type(exc).__name__}: {_first_line(exc)}", queue)
+            if not message.processed:
+                await message.ack()
+            telemetry.MESSAGES.labels(queue, "dead_lettered").inc()
+        else:
+            if not message.processed:
+                await message.ack()
+            telemetry.MESSAGES.labels(queue, "ok").inc()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def stop(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop taking messages and let in-flight handlers finish; past the deadline they are cancelled
+        and their messages, never acked, are requeued by the broker when the channel closes."""
+        if not self._channel.is_closed:
+            for queue, tag in self._tags:
+                try:
+                    await queue.cancel(tag)
+                except aio_pika.exceptions.AMQPError:
+                    pass
+        self._tags.clear()
+        if self._in_flight:
+            _, late = await asyncio.wait(set(self._in_flight), timeout=drain_timeout_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        if not self._channel.is_closed:
+            await self._channel.close()
+
+
+class Bus:
+    def __init__(self, settings: Settings, source: str):
+        self.settings = settings
+        self.source = source
+        self.topology = Topology(settings.namespace)
+        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._declared: set[str] = set()
+        self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+
+    async def connect(self, *, timeout_s: float = 30.0) -> None:
+        self.connection = await asyncio.wait_for(
+            aio_pika.connect_robust(
+                self.settings.amqp_url, client_properties={"connection_name": self.source}
+            ),
+            timeout_s,
+        )
+        self._channel = await self.connection.channel(publisher_confirms=True)
+        await self.topology.declare(self._channel)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+            self.connection = None
+
+    @property
+    def is_connected(self) -> bool:
+        return self.connection is not None and not self.connection.is_closed
+
+    async def ensure_work_queue(self, name: str) -> None:
+        if name not in self._declared:
+            await self.topology.declare_work_queue(self._channel, name)
+            self._declared.add(name)
+
+    async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
+        if not name:
+            return self._channel.default_exchange
+        if name not in self._exchanges:
+            self._exchanges[name] = await self._channel.get_exchange(name, ensure=False)
+        return self._exchanges[name]
+
+    async def publish(
+        self, envelope: Envelope, routing_key: str, *, exchange: str = "", headers: dict | None = None
+    ) -> None:
+        """Returns once the broker has confirmed the message: after that it survives a broker restart."""
+        message = aio_pika.Message(
+            envelope.encode(),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            priority=envelope.priority.amqp,
+            message_id=envelope.message_id,
+            type=envelope.type.value,
+            correlation_id=envelope.correlation_id,
+            reply_to=envelope.reply_to,
+            headers=headers or {},
+        )
+        target = await self._exchange(exchange)
+        await target.publish(message, routing_key=routing_key)
+
+    async def publish_many(self, messages: list[tuple[Envelope, str]]) -> None:
+        """Publishes concurrently, so a batch waits for one round of confirms rather than one per message."""
+        if messages:
+            await asyncio.gather(*(self.publish(env, key) for env, key in messages))
+
+    async def broadcast(self, envelope: Envelope) -> None:
+        await self.publish(envelope, "", exchange=self.topology.control)
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str, queue: str) -> None:
+        headers = dict(message.headers or {})
+        headers[REASON_HEADER] = reason[:1000]
+        headers[QUEUE_HEADER] = queue
+        copy = aio_pika.Message(
+            message.body[: self.settings.max_payload_bytes * 4],
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            content_type=message.content_type,
+        )
+        target = await self._exchange(self.topology.dlx)
+        await target.publish(copy, routing_key=queue)
+
+    async def consume(self, queues: str | list[str], handler: Handler, *, prefetch: int) -> Consumer:
+        """Consumes existing queues; `prefetch` bounds the unacked messages of all of them together."""
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch, global_=True)
+        names = [queues] if isinstance(queues, str) else queues
+        amqp_queues = [await channel.get_queue(name, ensure=False) for name in names]
+        consumer = Consumer(self, channel, amqp_queues, handler)
+        await consumer.start()
+        return consumer
+
+    async def consume_private(self, handler: Handler, *, name: str = "", bind_control: bool = False,
+                              prefetch: int = 100) -> Consumer:
+        """A queue of this process alone, deleted when it disconnects: replies, or the control fanout."""
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        amqp_queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
+        if bind_control:
+            await amqp_queue.bind(self.topology.control)
+        consumer = Consumer(self, channel, [amqp_queue], handler)
+        await consumer.start()
+        return consumer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

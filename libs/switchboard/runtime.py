@@ -1,0 +1,157 @@
+"""One lifecycle for every service: settings, logging, resources, a health port, drain on SIGTERM.
+
+A service subclasses Service, says which resources it needs, and implements setup() (start consuming)
+and teardown() (stop consuming, finish in-flight work). `serve()` does the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import ClassVar
+
+import redis.asyncio as aioredis
+from aio_pika.exceptions import AMQPError
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from switchboard import telemetry
+from switchboard.bus import Bus
+from switchboard.settings import Settings
+from switchboard.state import Store, open_store
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    name: ClassVar[str]
+    default_port: ClassVar[int]
+    uses_store: ClassVar[bool] = False
+    uses_redis: ClassVar[bool] = False
+    # A service with an HTTP server of its own serves /healthz, /readyz and /metrics there.
+    serves_http: ClassVar[bool] = False
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.bus = Bus(settings, self.name)
+        self.store: Store | None = None
+        self.redis: aioredis.Redis | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        if self.uses_store:
+            self.store = open_store(self.settings.store_url)
+        if self.uses_redis:
+            self.redis = aioredis.from_url(self.settings.redis_url)
+            await self.redis.ping()
+        await self.bus.connect()
+        await self.setup()
+        self._started = True
+
+    async def stop(self) -> None:
+        self._started = False
+        try:
+            await self.teardown()
+        finally:
+            await self.bus.close()
+            if self.redis is not None:
+                await self.redis.aclose()
+            if self.store is not None:
+                await self.store.close()
+
+    async def setup(self) -> None:
+        """Start consuming and any background loops."""
+
+    async def teardown(self) -> None:
+        """Stop consuming; finish or requeue in-flight work."""
+
+    def is_ready(self) -> bool:
+        return self._started and self.bus.is_connected
+
+    @property
+    def port(self) -> int:
+        return self.settings.health_port or self.default_port
+
+
+async def _health_handler(services: tuple[Service, ...], reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    try:
+        request_line = await asyncio.wait_for(reader.readline(), 5)
+        while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
+            pass
+        parts = request_line.decode("latin-1").split()
+        path = parts[1].split("?")[0] if len(parts) > 1 else "/"
+        if path == "/healthz":
+            status, body, ctype = 200, b'{"status":"ok"}', "application/json"
+        elif path == "/readyz":
+            ready = all(s.is_ready() for s in services)
+            status = 200 if ready else 503
+            body, ctype = (b'{"status":"ready"}' if ready else b'{"status":"starting"}'), "application/json"
+        elif path == "/metrics":
+            status, body, ctype = 200, generate_latest(), CONTENT_TYPE_LATEST
+        else:
+            status, body, ctype = 404, b'{"error":{"code":"not_found","message":"no such path"}}', "application/json"
+        reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+        head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode() + body)
+        await writer.drain()
+    except (asyncio.TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def start_health_server(*services: Service) -> asyncio.AbstractServer:
+    first = services[0]
+    return await asyncio.start_server(
+        lambda r, w: _health_handler(services, r, w), first.settings.health_host, first.port
+    )
+
+
+async def serve(*services: Service, health: bool = True) -> None:
+    """Run one or more services in this process until SIGTERM or SIGINT, then drain and close."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    first = services[0]
+    server = await start_health_server(*services) if health and not first.serves_http else None
+    if server:
+        log.info("health on http://%s:%d/healthz", first.settings.health_host, first.port)
+    started: list[Service] = []
+    try:
+        for service in services:
+            await _start_with_retry(service, stopping)
+            started.append(service)
+            if stopping.is_set():
+                break
+            log.info("%s ready", service.name)
+        await stopping.wait()
+        log.info("draining")
+    finally:
+        for service in reversed(started):
+            await service.stop()
+        if server:
+            server.close()
+        log.info("stopped")
+
+
+async def _start_with_retry(service: Service, stopping: asyncio.Event) -> None:
+    # A dependency that is still starting (compose, k8s) is waited for, with backoff, not crash-looped on.
+    delay = 0.5
+    while not stopping.is_set():
+        try:
+            await service.start()
+            return
+        except (OSError, asyncio.TimeoutError, AMQPError, aioredis.ConnectionError) as exc:
+            log.warning("%s cannot start yet (%s); retrying in %.1fs", service.name, exc, delay)
+            await service.stop()
+            try:
+                await asyncio.wait_for(stopping.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, 10.0)
+
+
+def run(*services: Service) -> None:
+    telemetry.setup_logging(services[0].name if len(services) == 1 else "agents", services[0].settings.log_level)
+    asyncio.run(serve(*services))
