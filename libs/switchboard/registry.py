@@ -1,0 +1,44 @@
+"""Agent discovery on Redis: who is alive, what they serve, how loaded they are.
+
+The registry service is the only writer (it consumes agents' heartbeats); the dispatcher and the api
+read. An agent is live while its last heartbeat is younger than `agent_lost_after_s`; readers judge
+that themselves, so a stalled registry cannot make a dead agent look alive.
+"""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import redis.asyncio as aioredis
+
+from switchboard.settings import Settings
+
+
+class RegistryClient:
+    def __init__(self, redis: aioredis.Redis, settings: Settings):
+        self.redis = redis
+        self.key = f"{settings.namespace}:agents"
+        self.lost_after_s = settings.agent_lost_after_s
+
+    async def upsert(self, agent: dict) -> None:
+        await self.redis.hset(self.key, agent["name"], orjson.dumps(agent))
+
+    async def remove(self, name: str) -> None:
+        await self.redis.hdel(self.key, name)
+
+    async def agents(self) -> list[dict]:
+        now = time.time()
+        out = []
+        for raw in (await self.redis.hgetall(self.key)).values():
+            agent = orjson.loads(raw)
+            if agent.get("status") == "alive" and now - agent["last_heartbeat"] > self.lost_after_s:
+                agent["status"] = "lost"
+            out.append(agent)
+        return sorted(out, key=lambda a: a["name"])
+
+    async def live_capabilities(self) -> set[str]:
+        return {c for a in await self.agents() if a["status"] == "alive" for c in a["capabilities"]}
+
+    async def live_agents(self) -> set[str]:
+        return {a["name"] for a in await self.agents() if a["status"] == "alive"}

@@ -1,0 +1,243 @@
+"""The agent SDK: declare a name and capabilities, decorate an async handler per capability, run.
+
+    agent = Agent("summarizer")
+
+    @agent.handler("summarize")
+    async def summarize(task):
+        notes = await task.delegate("research", {"topic": task.payload["topic"]})
+        return {"summary": notes[:100]}
+
+    agent.run()
+
+The SDK registers and heartbeats, consumes with manual acks and a small prefetch (so priorities hold),
+enforces each task's timeout, reports results and errors, lets handlers delegate sub-workflows and
+await them, cancels handlers of cancelled workflows, and drains on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from aio_pika.abc import AbstractIncomingMessage
+
+from switchboard import runtime, telemetry
+from switchboard.bus import Consumer
+from switchboard.protocol import Envelope, MessageType, WorkflowSpec, validate_workflow
+from switchboard.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+TaskHandler = Callable[["TaskContext"], Awaitable[Any]]
+_CANCELLED_MEMORY = 10_000  # workflow ids remembered as cancelled, oldest forgotten first
+
+
+class TaskError(Exception):
+    """Raise from a handler to fail the attempt; retryable=False fails the task at once."""
+
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class TaskContext:
+    """What a handler gets: its payload, its parents' results, and a way to delegate to other agents."""
+
+    def __init__(self, agent: Agent, envelope: Envelope):
+        self.agent = agent
+        self.envelope = envelope
+        self.workflow_id: str = envelope.workflow_id or ""
+        self.task_id: str = envelope.task_id or ""
+        self.attempt: int = envelope.attempt
+        self.capability: str = envelope.payload["capability"]
+        self.payload: dict = envelope.payload.get("payload") or {}
+        self.inputs: dict = envelope.payload.get("inputs") or {}
+        self._delegations = 0
+
+    async def run_workflow(self, tasks: list[dict], *, name: str | None = None) -> dict:
+        """Runs a child workflow and waits for it: {"workflow_id", "status", "result", "error"}.
+
+        The child is linked to this task. Re-running this attempt after a crash finds the same child
+        (same idempotency key) rather than starting a second one.
+        """
+        spec = WorkflowSpec(name=name, tasks=tasks)
+        settings = self.agent.settings
+        validate_workflow(spec, max_payload_bytes=settings.max_payload_bytes,
+                          max_tasks=settings.max_tasks_per_workflow)
+        key = f"delegate:{self.workflow_id}:{self.task_id}:{self.attempt}:{self._delegations}"
+        self._delegations += 1
+        return await self.agent._delegate(self, spec, key)
+
+    async def delegate(self, capability: str, payload: dict | None = None, **task: Any) -> Any:
+        """Runs one task of `capability` as a child workflow and returns its result."""
+        reply = await self.run_workflow([{"id": capability, "capability": capability,
+                                          "payload": payload or {}, **task}])
+        if reply["status"] != "succeeded":
+            raise TaskError(f"delegated {capability!r} {reply['status']}: {reply.get('error')}")
+        return reply["result"][capability]
+
+
+class Agent(runtime.Service):
+    default_port = 8110
+
+    def __init__(self, name: str, *, settings: Settings | None = None, concurrency: int | None = None):
+        self.name = name
+        super().__init__(settings or get_settings())
+        self.concurrency = concurrency or self.settings.agent_concurrency
+        self.handlers: dict[str, TaskHandler] = {}
+        self.reply_queue = f"{self.settings.namespace}.reply.{name}.{uuid.uuid4().hex[:12]}"
+        self._running: dict[tuple[str, str], asyncio.Task] = {}
+        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._replies: dict[str, asyncio.Future] = {}
+        self._consumers: list[Consumer] = []
+        self._task_consumer: Consumer | None = None
+        self._heartbeat: asyncio.Task | None = None
+
+    def handler(self, capability: str) -> Callable[[TaskHandler], TaskHandler]:
+        def register(fn: TaskHandler) -> TaskHandler:
+            self.handlers[capability] = fn
+            return fn
+
+        return register
+
+    @property
+    def capabilities(self) -> list[str]:
+        return sorted(self.handlers)
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    async def setup(self) -> None:
+        topology = self.bus.topology
+        queues = [topology.capability_queue(c) for c in self.capabilities] + [topology.agent_queue(self.name)]
+        for queue in queues:
+            await self.bus.ensure_work_queue(queue)
+        self._consumers.append(await self.bus.consume_private(self._on_control, bind_control=True))
+        self._consumers.append(await self.bus.consume_private(self._on_reply, name=self.reply_queue))
+        await self._send_heartbeat("agent.heartbeat")
+        self._task_consumer = await self.bus.consume(queues, self._on_task, prefetch=self.concurrency)
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+
+    async def teardown(self) -> None:
+        if self._task_consumer is not None:
+            await self._task_consumer.stop()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        if self.bus.is_connected:
+            await self._send_heartbeat("agent.stopped")
+        for consumer in self._consumers:
+            await consumer.stop(drain_timeout_s=1)
+        self._consumers.clear()
+
+    def run(self) -> None:
+        runtime.run(self)
+
+    # ---- registry ----------------------------------------------------------------------------------
+    async def _send_heartbeat(self, subject: str) -> None:
+        info = {"name": self.name, "capabilities": self.capabilities, "concurrency": self.concurrency,
+                "in_flight": len(self._running), "host": socket.gethostname(), "pid": os.getpid()}
+        env = Envelope(type=MessageType.EVENT, subject=subject, source=self.name, payload=info)
+        await self.bus.publish(env, self.bus.topology.registry)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            try:
+                await self._send_heartbeat("agent.heartbeat")
+            except Exception as exc:  # the robust connection is reconnecting; the next beat will do
+                log.warning("heartbeat failed: %s", exc)
+
+    # ---- tasks -------------------------------------------------------------------------------------
+    async def _on_task(self, env: Envelope, message: AbstractIncomingMessage) -> None:
+        if env.type != MessageType.TASK or not env.workflow_id or not env.task_id:
+            raise ValueError(f"not a task message: type={env.type.value} subject={env.subject!r}")
+        if env.workflow_id in self._cancelled:
+            return
+        capability = env.payload.get("capability", "")
+        results = self.bus.topology.results
+        started = Envelope(type=MessageType.STATUS, subject="started", source=self.name,
+                           workflow_id=env.workflow_id, task_id=env.task_id, attempt=env.attempt)
+        await self.bus.publish(started, results)
+        handler = self.handlers.get(capability)
+        key = (env.workflow_id, env.task_id)
+        began = time.perf_counter()
+        outcome = "succeeded"
+        if handler is None:
+            reply = self._error(env, "UnknownCapability", f"agent {self.name} does not serve {capability!r}", False)
+            outcome = "failed"
+        else:
+            run = asyncio.create_task(handler(TaskContext(self, env)))
+            self._running[key] = run
+            try:
+                async with asyncio.timeout(env.timeout_s):
+                    result = await run
+                reply = self._result(env, result)
+            except TimeoutError:
+                reply, outcome = self._error(env, "TimeoutError", f"timed out after {env.timeout_s}s", True), "timeout"
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise  # we are shutting down: the message is requeued
+                telemetry.TASKS_RUN.labels(capability, "cancelled").inc()
+                return  # the workflow was cancelled: nothing to report
+            except TaskError as exc:
+                reply, outcome = self._error(env, type(exc).__name__, str(exc), exc.retryable), "failed"
+            except Exception as exc:
+                log.exception("handler for %s failed", capability)
+                reply, outcome = self._error(env, type(exc).__name__, str(exc), True), "failed"
+            finally:
+                self._running.pop(key, None)
+        telemetry.TASKS_RUN.labels(capability, outcome).inc()
+        telemetry.TASK_SECONDS.labels(capability).observe(time.perf_counter() - began)
+        await self.bus.publish(reply, results)
+
+    def _result(self, env: Envelope, result: Any) -> Envelope:
+        try:
+            size = len(orjson.dumps(result))
+        except TypeError as exc:
+            return self._error(env, "ResultNotSerializable", str(exc), False)
+        if size > self.settings.max_payload_bytes:
+            return self._error(env, "ResultTooLarge", f"result is {size} bytes, the limit is "
+                               f"{self.settings.max_payload_bytes}", False)
+        return Envelope(type=MessageType.RESULT, source=self.name, workflow_id=env.workflow_id,
+                        task_id=env.task_id, attempt=env.attempt, payload={"result": result})
+
+    def _error(self, env: Envelope, kind: str, message: str, retryable: bool) -> Envelope:
+        return Envelope(type=MessageType.ERROR, source=self.name, workflow_id=env.workflow_id,
+                        task_id=env.task_id, attempt=env.attempt,
+                        payload={"error": {"type": kind, "message": message[:2000], "retryable": retryable}})
+
+    # ---- control and delegation ----------------------------------------------------------------------
+    async def _on_control(self, env: Envelope, message: AbstractIncomingMessage) -> None:
+        if env.subject == "cancel" and env.workflow_id:
+            self._cancelled[env.workflow_id] = None
+            while len(self._cancelled) > _CANCELLED_MEMORY:
+                self._cancelled.popitem(last=False)
+            for (wf_id, _), run in list(self._running.items()):
+                if wf_id == env.workflow_id:
+                    run.cancel()
+
+    async def _delegate(self, ctx: TaskContext, spec: WorkflowSpec, key: str) -> dict:
+        future = asyncio.get_running_loop().create_future()
+        self._replies[key] = future
+        try:
+            env = Envelope(type=MessageType.EVENT, subject="workflow.submit", source=self.name,
+                           workflow_id=ctx.workflow_id, task_id=ctx.task_id, correlation_id=key,
+                           reply_to=self.reply_queue,
+                           payload={"workflow": spec.model_dump(mode="json", exclude_none=True),
+                                    "idempotency_key": key,
+                                    "parent": {"workflow_id": ctx.workflow_id, "task_id": ctx.task_id}})
+            await self.bus.publish(env, self.bus.topology.coordinator)
+            return await future
+        finally:
+            self._replies.pop(key, None)
+
+    async def _on_reply(self, env: Envelope, message: AbstractIncomingMessage) -> None:
+        future = self._replies.get(env.correlation_id or "")
+        if future is not None and not future.done():
+            future.set_result({"workflow_id": env.workflow_id, **env.payload})
