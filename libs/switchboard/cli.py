@@ -1,0 +1,217 @@
+"""The `switchboard` command.
+
+  switchboard serve SERVICE   run one service (api, coordinator, dispatcher, registry, aggregator,
+                              dlq_replayer) or the example agents (agents) in this process
+  switchboard run             check the broker and Redis, then run every service and the example agents,
+                              each in its own process, until Ctrl-C / SIGTERM
+  switchboard demo            submit a workflow in which a planner delegates to other agents, and follow it
+  switchboard check           say whether RabbitMQ and Redis answer
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from switchboard.settings import Settings, get_settings
+
+SERVICES = {
+    "api": "services.api:Api",
+    "coordinator": "services.coordinator:Coordinator",
+    "dispatcher": "services.dispatcher:Dispatcher",
+    "registry": "services.registry:Registry",
+    "aggregator": "services.aggregator:Aggregator",
+    "dlq_replayer": "services.dlq_replayer:DlqReplayer",
+}
+HOW_TO_START = {
+    "RabbitMQ": "start it with `rabbitmq-server -detached` (Debian: apt-get install rabbitmq-server), "
+                "or point AMQP_URL at one",
+    "Redis": "start it with `redis-server --daemonize yes --save ''` (Debian: apt-get install redis-server), "
+             "or point REDIS_URL at one",
+}
+
+
+def load_service(name: str, settings: Settings):
+    module, _, cls = SERVICES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(settings)
+
+
+def serve(name: str) -> None:
+    from switchboard import runtime
+
+    settings = get_settings()
+    if name == "agents":
+        from example_agents import ALL
+
+        runtime.run(*ALL)
+    else:
+        runtime.run(load_service(name, settings))
+
+
+async def _check(settings: Settings) -> dict[str, str | None]:
+    import aio_pika
+    import redis.asyncio as aioredis
+
+    problems: dict[str, str | None] = {"RabbitMQ": None, "Redis": None}
+    try:
+        connection = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), 5)
+        await connection.close()
+    except Exception as exc:
+        problems["RabbitMQ"] = f"{settings.amqp_url}: {exc or type(exc).__name__}"
+    client = aioredis.from_url(settings.redis_url, socket_connect_timeout=5)
+    try:
+        await client.ping()
+    except Exception as exc:
+        problems["Redis"] = f"{settings.redis_url}: {exc}"
+    finally:
+        await client.aclose()
+    return problems
+
+
+def check(settings: Settings) -> bool:
+    ok = True
+    for name, problem in asyncio.run(_check(settings)).items():
+        if problem is None:
+            print(f"  {name:9} ok")
+        else:
+            ok = False
+            print(f"  {name:9} NOT REACHABLE ({problem})\n            {HOW_TO_START[name]}")
+    return ok
+
+
+def run_all() -> int:
+    """A small supervisor: one process per service, restarted with backoff if it dies."""
+    settings = get_settings()
+    print("Checking dependencies:")
+    if not check(settings):
+        return 1
+    names = list(SERVICES) + ["agents"]
+    procs: dict[str, subprocess.Popen] = {}
+    restarts: dict[str, float] = {}
+    stopping = False
+
+    def start(name: str) -> None:
+        procs[name] = subprocess.Popen([sys.executable, "-m", "switchboard.cli", "serve", name])
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for name in names:
+        start(name)
+    ports = {"coordinator": 8101, "dispatcher": 8102, "registry": 8103, "aggregator": 8104,
+             "dlq_replayer": 8105, "agents": 8110}
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    print(f"\nSwitchboard is starting ({len(names)} processes), state in {settings.store_url}\n"
+          f"  REST API     {api}/v1   (OpenAPI docs: {api}/docs)\n"
+          f"  health       " + ", ".join(f"{n} :{p}" for n, p in ports.items()) + " (/healthz /readyz /metrics)\n"
+          f"  broker       {settings.amqp_url}\n  redis        {settings.redis_url}\n"
+          f"Try `make demo` in another terminal. Ctrl-C stops everything.\n", flush=True)
+    while not stopping:
+        time.sleep(0.2)
+        for name, proc in list(procs.items()):
+            if proc.poll() is not None and not stopping:
+                delay = min(30.0, max(1.0, restarts.get(name, 0.5) * 2))
+                restarts[name] = delay
+                print(f"switchboard: {name} exited with {proc.returncode}; restarting in {delay:.0f}s", flush=True)
+                deadline = time.monotonic() + delay
+                while time.monotonic() < deadline and not stopping:
+                    time.sleep(0.1)
+                if not stopping:
+                    start(name)
+    print("\nswitchboard: stopping (draining in-flight work)...", flush=True)
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 40
+    for proc in procs.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    print("switchboard: stopped", flush=True)
+    return 0
+
+
+def demo(url: str, goal: str) -> int:
+    import httpx
+
+    spec = {
+        "name": "demo: planner delegates",
+        "tasks": [
+            {"id": "plan", "capability": "plan", "priority": "HIGH",
+             "payload": {"goal": goal, "steps": ["gather facts", "find counterpoints", "check sources"]}},
+            {"id": "review", "capability": "echo", "depends_on": ["plan"], "payload": {"role": "reviewer"}},
+        ],
+    }
+    headers = {"Authorization": f"Bearer {os.environ['SWITCHBOARD_API_TOKEN']}"} \
+        if os.environ.get("SWITCHBOARD_API_TOKEN") else {}
+    with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
+        try:
+            response = client.post("/v1/workflows", json=spec)
+        except httpx.ConnectError:
+            print(f"no Switchboard API at {url}: start it with `make run` first")
+            return 1
+        response.raise_for_status()
+        wf_id = response.json()["workflow_id"]
+        print(f"submitted workflow {wf_id}\n")
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            view = client.get(f"/v1/workflows/{wf_id}", params={"wait": 1}).json()
+            for task in view["tasks"]:
+                if seen.get(task["id"]) != task["status"]:
+                    seen[task["id"]] = task["status"]
+                    why = f" ({task['reason']})" if task.get("reason") else ""
+                    print(f"  {task['id']:8} {task['status']}{why}")
+            if view["status"] in ("succeeded", "failed", "cancelled"):
+                break
+        else:
+            print("the workflow did not finish in 120s; is `make run` up?")
+            return 1
+        print(f"\nworkflow {view['status']}")
+        import json
+
+        for task in view["tasks"]:
+            print(f"\n{task['id']} result:\n{json.dumps(task['result'] or task['error'], indent=2)}")
+        children = client.get("/v1/workflows", params={"limit": 10}).json()["workflows"]
+        linked = [w for w in children if (w.get("parent") or {}).get("workflow_id") == wf_id]
+        for child in linked:
+            print(f"\nchild workflow {child['workflow_id']} ({child['name']}) of task "
+                  f"{child['parent']['task_id']}: {child['status']}")
+        return 0 if view["status"] == "succeeded" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="switchboard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = sub.add_parser("serve", help="run one service, or the example agents")
+    serve_cmd.add_argument("service", choices=[*SERVICES, "agents"])
+    sub.add_parser("run", help="run every service and the example agents")
+    demo_cmd = sub.add_parser("demo", help="submit a delegating workflow and follow it")
+    demo_cmd.add_argument("--url", default=None, help="API base URL (default: from settings)")
+    demo_cmd.add_argument("--goal", default="why the sky is blue")
+    sub.add_parser("check", help="check that RabbitMQ and Redis answer")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+    if args.command == "serve":
+        serve(args.service)
+        return 0
+    if args.command == "run":
+        return run_all()
+    if args.command == "demo":
+        return demo(args.url or f"http://{settings.api_host}:{settings.api_port}", args.goal)
+    return 0 if check(settings) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

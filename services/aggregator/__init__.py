@@ -1,0 +1,3 @@
+from services.aggregator.service import Aggregator
+
+__all__ = ["Aggregator"]

@@ -1,0 +1,3 @@
+from services.api.service import Api
+
+__all__ = ["Api"]

@@ -1,0 +1,195 @@
+"""REST API v1. Every error is JSON: {"error": {"code": str, "message": str, "details"?: [...]}}."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import ORJSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from switchboard.protocol import Envelope, InvalidSpec, MessageType, Priority, WorkflowSpec, validate_workflow
+from switchboard.workflows import TERMINAL_WORKFLOW, IdempotencyConflict, NotFound
+
+if TYPE_CHECKING:
+    from services.api.service import Api
+
+log = logging.getLogger(__name__)
+
+MAX_WAIT_S = 300.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: Any = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def _error(status: int, code: str, message: str, details: Any = None) -> ORJSONResponse:
+    body: dict = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return ORJSONResponse({"error": body}, status_code=status)
+
+
+class TaskSubmission(BaseModel):
+    """One task on its own (a workflow of one)."""
+
+    id: str = Field("task", min_length=1, max_length=128)
+    capability: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    priority: Priority = Priority.NORMAL
+    timeout_s: float | None = None
+    max_attempts: int | None = None
+    agent: str | None = None
+    model_config = {"extra": "forbid"}
+
+
+class WorkflowBatch(BaseModel):
+    workflows: list[WorkflowSpec] = Field(min_length=1, max_length=1000)
+
+
+def create_app(service: Api) -> FastAPI:
+    settings = service.settings
+    app = FastAPI(title="Switchboard", version="1", default_response_class=ORJSONResponse,
+                  description="Submit tasks and DAG workflows; agents run them by capability and priority.")
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error(exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return _error(400, "malformed_json", "the request body is not valid JSON")
+        details = [{"loc": list(e.get("loc", ())), "msg": e.get("msg"), "type": e.get("type")} for e in errors]
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"][1:]) or "request"
+        return _error(422, "invalid_request", f"{where}: {first['msg']}", details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, "not_found" if exc.status_code == 404 else "http_error", str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(503, "unavailable", "the service could not complete the request; retry later")
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        limit = settings.max_payload_bytes * 4 + 64 * 1024
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            return _error(413, "body_too_large", f"request body is {length} bytes, the limit is {limit}")
+        return await call_next(request)
+
+    async def authenticated(authorization: Annotated[str | None, Header()] = None) -> None:
+        if settings.api_token and authorization != f"Bearer {settings.api_token}":
+            raise ApiError(401, "unauthorized", "this call needs 'Authorization: Bearer <token>'")
+
+    mutating = [Depends(authenticated)]
+
+    def check(spec: WorkflowSpec) -> None:
+        try:
+            validate_workflow(spec, max_payload_bytes=settings.max_payload_bytes,
+                              max_tasks=settings.max_tasks_per_workflow)
+        except InvalidSpec as exc:
+            status = 413 if exc.code == "payload_too_large" else 422
+            raise ApiError(status, exc.code, str(exc)) from exc
+
+    async def submit(specs: list[WorkflowSpec], key: str | None) -> list[str]:
+        for spec in specs:
+            check(spec)
+        try:
+            ids = await service.workflows.create(specs, key)
+        except IdempotencyConflict as exc:
+            raise ApiError(409, "idempotency_conflict", str(exc)) from exc
+        announce = Envelope(type=MessageType.EVENT, subject="workflow.submitted", source="api",
+                            payload={"workflow_ids": ids})
+        try:
+            await service.bus.publish(announce, service.bus.topology.coordinator)
+        except Exception as exc:  # stored is accepted: the coordinator's intake sweep takes it in
+            log.warning("could not announce workflows %s: %s", ids, exc)
+        return ids
+
+    @app.post("/v1/workflows", status_code=202, dependencies=mutating)
+    async def submit_workflow(spec: WorkflowSpec, idempotency_key: Annotated[str | None, Header()] = None):
+        [wf_id] = await submit([spec], idempotency_key)
+        return {"workflow_id": wf_id, "status": "pending", "tasks": len(spec.tasks)}
+
+    @app.post("/v1/workflows/batch", status_code=202, dependencies=mutating)
+    async def submit_workflows(batch: WorkflowBatch, idempotency_key: Annotated[str | None, Header()] = None):
+        return {"workflow_ids": await submit(batch.workflows, idempotency_key)}
+
+    @app.post("/v1/tasks", status_code=202, dependencies=mutating)
+    async def submit_task(task: TaskSubmission, idempotency_key: Annotated[str | None, Header()] = None):
+        spec = WorkflowSpec(tasks=[task.model_dump()])
+        [wf_id] = await submit([spec], idempotency_key)
+        return {"workflow_id": wf_id, "task_id": task.id}
+
+    @app.get("/v1/workflows/{workflow_id}")
+    async def get_workflow(workflow_id: str, wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0):
+        deadline = time.monotonic() + wait
+        pause = 0.02
+        while True:
+            try:
+                view = await service.workflows.get(workflow_id)
+            except NotFound as exc:
+                raise ApiError(404, "workflow_not_found", str(exc)) from exc
+            remaining = deadline - time.monotonic()
+            if view["status"] in TERMINAL_WORKFLOW or remaining <= 0:
+                return view
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.25)
+
+    @app.get("/v1/workflows")
+    async def list_workflows(
+        status: Annotated[str | None, Query(pattern="^(pending|running|succeeded|failed|cancelled)$")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 50,
+        after: Annotated[str | None, Query(description="workflow_id of the previous page's last item")] = None,
+    ):
+        items = await service.workflows.list(status, limit, after)
+        return {"workflows": items, "next": items[-1]["workflow_id"] if len(items) == limit else None}
+
+    @app.post("/v1/workflows/{workflow_id}/cancel", dependencies=mutating)
+    async def cancel_workflow(workflow_id: str):
+        try:
+            view, out = await service.workflows.cancel(workflow_id)
+        except NotFound as exc:
+            raise ApiError(404, "workflow_not_found", str(exc)) from exc
+        for env in out.control:
+            await service.bus.broadcast(env)
+        await service.bus.publish_many(out.replies)
+        return view
+
+    @app.get("/v1/agents")
+    async def list_agents():
+        return {"agents": await service.registry.agents()}
+
+    @app.get("/v1/dlq")
+    async def list_dead_letters(limit: Annotated[int, Query(ge=1, le=500)] = 100, after: str | None = None):
+        return {"dead_letters": await service.dead_letters.list(limit=limit, after=after)}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz():
+        if not service.is_ready():
+            return _error(503, "not_ready", "the api is starting or has lost the broker")
+        return {"status": "ready"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,53 @@
+"""The REST API service: the FastAPI app of app.py, served by uvicorn inside the service lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import uvicorn
+
+from services.api.app import create_app
+from switchboard.registry import RegistryClient
+from switchboard.runtime import Service
+from switchboard.deadletters import DeadLetters
+from switchboard.workflows import WorkflowStore
+
+
+class _EmbeddedServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield  # the service lifecycle owns SIGTERM and SIGINT, and drains the whole service
+
+
+class Api(Service):
+    name = "api"
+    default_port = 8000
+    uses_store = True
+    uses_redis = True
+    serves_http = True
+
+    @property
+    def port(self) -> int:
+        return self.settings.api_port
+
+    async def setup(self) -> None:
+        self.workflows = WorkflowStore(self.store, self.settings)
+        self.registry = RegistryClient(self.redis, self.settings)
+        self.dead_letters = DeadLetters(self.store, self.settings)
+        self.app = create_app(self)
+        config = uvicorn.Config(self.app, host=self.settings.api_host, port=self.port, lifespan="off",
+                                log_config=None, access_log=False)
+        self.server = _EmbeddedServer(config)
+        config.load()
+        self.server.lifespan = config.lifespan_class(config)
+        await self.server.startup()
+        if self.server.should_exit:
+            raise OSError(f"api cannot listen on {self.settings.api_host}:{self.port}")
+        self.main_loop = asyncio.create_task(self.server.main_loop())
+
+    async def teardown(self) -> None:
+        if hasattr(self, "main_loop"):
+            self.server.should_exit = True
+            await self.main_loop
+            await self.server.shutdown()

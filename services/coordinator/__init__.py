@@ -1,0 +1,3 @@
+from services.coordinator.service import Coordinator
+
+__all__ = ["Coordinator"]

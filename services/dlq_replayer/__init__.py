@@ -1,0 +1,3 @@
+from services.dlq_replayer.service import DlqReplayer
+
+__all__ = ["DlqReplayer"]

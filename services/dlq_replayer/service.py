@@ -1,0 +1,47 @@
+"""Keeps dead letters inspectable: moves each message of the dead-letter queue into the state store,
+with its reason, so the api can list them."""
+
+from __future__ import annotations
+
+from aio_pika.abc import AbstractIncomingMessage
+
+from switchboard.bus import QUEUE_HEADER, REASON_HEADER
+from switchboard.deadletters import DeadLetters
+from switchboard.runtime import Service
+
+
+class DlqReplayer(Service):
+    name = "dlq_replayer"
+    default_port = 8105
+    uses_store = True
+
+    async def setup(self) -> None:
+        self.dead_letters = DeadLetters(self.store, self.settings)
+        channel = await self.bus.connection.channel()
+        await channel.set_qos(prefetch_count=64)
+        queue = await channel.get_queue(self.bus.topology.dlq, ensure=False)
+        self.channel = channel
+        self.tag = await queue.consume(self.keep)
+        self.queue = queue
+
+    async def teardown(self) -> None:
+        if hasattr(self, "tag"):
+            await self.queue.cancel(self.tag)
+            await self.channel.close()
+
+    async def keep(self, message: AbstractIncomingMessage) -> None:
+        # Dead letters are raw messages, often not envelopes at all: read them here, not via Bus.consume.
+        headers = dict(message.headers or {})
+        reason = str(headers.get(REASON_HEADER) or _x_death_reason(headers) or "unknown")
+        queue = str(headers.get(QUEUE_HEADER) or message.routing_key or "")
+        async with message.process(requeue=True):
+            await self.dead_letters.add(reason=reason, queue=queue, body=message.body, headers=headers,
+                                        message_id=message.message_id)
+
+
+def _x_death_reason(headers: dict) -> str | None:
+    deaths = headers.get("x-death") or []
+    if deaths:
+        first = deaths[0]
+        return f"{first.get('reason')} in {first.get('queue')}"
+    return None

@@ -1,0 +1,3 @@
+from services.registry.service import Registry
+
+__all__ = ["Registry"]

@@ -1,0 +1,71 @@
+"""Agent discovery: records agents' registrations and heartbeats in Redis, marks silent agents lost,
+and forgets them after a longer silence. Agents that stop cleanly deregister."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from switchboard import telemetry
+from switchboard.protocol import Envelope
+from switchboard.registry import RegistryClient
+from switchboard.runtime import Service
+
+log = logging.getLogger(__name__)
+
+SWEEP_S = 1.0
+FORGET_AFTER_S = 3600.0
+
+
+class Registry(Service):
+    name = "registry"
+    default_port = 8103
+    uses_redis = True
+
+    async def setup(self) -> None:
+        self.client = RegistryClient(self.redis, self.settings)
+        self.consumer = await self.bus.consume(self.bus.topology.registry, self.handle, prefetch=256)
+        self.sweeper = asyncio.create_task(self._sweep_loop())
+
+    async def teardown(self) -> None:
+        if hasattr(self, "sweeper"):
+            self.sweeper.cancel()
+            await self.consumer.stop()
+
+    async def handle(self, env: Envelope, message) -> None:
+        if env.subject == "agent.heartbeat":
+            info = {k: env.payload[k] for k in ("name", "capabilities")} | {
+                k: env.payload.get(k) for k in ("concurrency", "in_flight", "host", "pid")}
+            if not isinstance(info["name"], str) or not isinstance(info["capabilities"], list):
+                raise ValueError("heartbeat needs a name and a list of capabilities")
+            # A heartbeat delayed in the queue must not revive an agent: judge by when it was sent.
+            info.update(status="alive", last_heartbeat=min(env.timestamp, time.time()))
+            await self.client.upsert(info)
+        elif env.subject == "agent.stopped":
+            await self.client.remove(env.payload["name"])
+        else:
+            raise ValueError(f"registry does not handle subject {env.subject!r}")
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                await self._sweep()
+            except Exception as exc:
+                log.warning("registry sweep failed: %s", exc)
+
+    async def _sweep(self) -> None:
+        now = time.time()
+        counts = {"alive": 0, "lost": 0}
+        for agent in await self.client.agents():
+            silent = now - agent["last_heartbeat"]
+            if silent > FORGET_AFTER_S:
+                await self.client.remove(agent["name"])
+                continue
+            if agent["status"] == "lost" and not agent.get("lost_at"):
+                log.warning("agent %s lost: no heartbeat for %.1fs", agent["name"], silent)
+                await self.client.upsert(agent | {"lost_at": now})
+            counts[agent["status"]] = counts.get(agent["status"], 0) + 1
+        for status, n in counts.items():
+            telemetry.AGENTS.labels(status).set(n)
