@@ -18,7 +18,13 @@ from pathlib import Path
 from switchboard.state.base import Store, StoreUnavailable, Transaction
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
-_MAX_TRIES = 50
+_MAX_TRIES = 10
+# Each try waits up to this long for another process's write lock: at most ~50 s before StoreUnavailable.
+_LOCK_WAIT_S = 5.0
+
+
+def _backoff(attempt: int) -> None:
+    time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
 
 
 class SqliteTransaction(Transaction):
@@ -67,7 +73,7 @@ class SqliteStore(Store):
         # Switching a new file to WAL needs an exclusive lock, and SQLite answers SQLITE_BUSY at once there
         # instead of calling the busy handler: processes opening a fresh file together must retry.
         for attempt in range(_MAX_TRIES):
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=_LOCK_WAIT_S)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute(f"PRAGMA synchronous={self._synchronous}")
@@ -78,7 +84,7 @@ class SqliteStore(Store):
                 if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
                     raise
                 last = exc
-                time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
+                _backoff(attempt)
         raise StoreUnavailable(f"sqlite store busy after {_MAX_TRIES} tries to open: {last}")
 
     def _run(self, fn, args, kwargs):
@@ -89,7 +95,7 @@ class SqliteStore(Store):
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:  # another process holds the write lock past `timeout`
                 last = exc
-                time.sleep(min(0.5, 0.005 * 2**attempt) * random.random())
+                _backoff(attempt)
                 continue
             try:
                 result = fn(SqliteTransaction(db), *args, **kwargs)
