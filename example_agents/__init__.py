@@ -1,6 +1,11 @@
 """Example agents that ship with Switchboard; `switchboard serve agents` runs them all in one process."""
 
-from example_agents.basic import echo_agent, fail_agent, sleep_agent
-from example_agents.planner import planner_agent
+from switchboard import Agent
+from switchboard.settings import Settings
 
-ALL = (echo_agent, sleep_agent, fail_agent, planner_agent)
+from example_agents import basic, planner
+
+
+def build(settings: Settings | None = None) -> list[Agent]:
+    """echo, sleep, fail and the delegating planner, each its own agent."""
+    return basic.build(settings) + planner.build(settings)

@@ -2,11 +2,9 @@
 agents as a child workflow, then has a writer step combine them, and returns the outcome."""
 
 from switchboard import Agent, TaskError
+from switchboard.settings import Settings
 
-planner_agent = Agent("planner-agent")
 
-
-@planner_agent.handler("plan")
 async def plan(task):
     goal = task.payload.get("goal", "an answer")
     steps = task.payload.get("steps") or ["gather facts", "find counterpoints"]
@@ -22,3 +20,9 @@ async def plan(task):
     written = child["result"]["write"]
     return {"goal": goal, "child_workflow": child["workflow_id"],
             "research": {k: v["payload"]["step"] for k, v in written["inputs"].items()}}
+
+
+def build(settings: Settings | None = None) -> list[Agent]:
+    agent = Agent("planner-agent", settings=settings)
+    agent.handler("plan")(plan)
+    return [agent]

@@ -47,9 +47,9 @@ def serve(name: str) -> None:
 
     settings = get_settings()
     if name == "agents":
-        from example_agents import ALL
+        import example_agents
 
-        runtime.run(*ALL)
+        runtime.run(*example_agents.build(settings))
     else:
         runtime.run(load_service(name, settings))
 
