@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import ORJSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,11 +31,11 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
 
 
-def _error(status: int, code: str, message: str, details: Any = None) -> ORJSONResponse:
+def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
     body: dict = {"code": code, "message": message}
     if details is not None:
         body["details"] = details
-    return ORJSONResponse({"error": body}, status_code=status)
+    return JSONResponse({"error": body}, status_code=status)
 
 
 class TaskSubmission(BaseModel):
@@ -57,7 +57,7 @@ class WorkflowBatch(BaseModel):
 
 def create_app(service: Api) -> FastAPI:
     settings = service.settings
-    app = FastAPI(title="Switchboard", version="1", default_response_class=ORJSONResponse,
+    app = FastAPI(title="Switchboard", version="1",
                   description="Submit tasks and DAG workflows; agents run them by capability and priority.")
 
     @app.exception_handler(ApiError)

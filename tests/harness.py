@@ -1,0 +1,141 @@
+"""Test helpers: real services in this process against the real broker, Redis and store, in a
+namespace of their own, and deadline-bound waiting (never a sleep as synchronisation)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import httpx
+import redis.asyncio as aioredis
+
+from switchboard.cli import load_service
+from switchboard.runtime import Service
+from switchboard.sdk import Agent
+from switchboard.settings import Settings
+
+ALL_SERVICES = ("api", "coordinator", "dispatcher", "registry", "aggregator", "dlq_replayer")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_settings(amqp_url: str, redis_url: str, store_path, **overrides) -> Settings:
+    values = dict(
+        amqp_url=amqp_url, redis_url=redis_url, store_url=f"sqlite:///{store_path}",
+        namespace=f"t{uuid.uuid4().hex[:10]}", api_port=free_port(),
+        heartbeat_interval_s=0.2, agent_lost_after_s=2.0,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], *, timeout: float = 30.0,
+                   what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+class Platform:
+    """Every service (or a chosen few) and some agents, started in this process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.services: dict[str, Service] = {}
+        self.agents: list[Agent] = []
+        self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=60)
+        self._queues: set[str] = set()
+
+    async def start(self, services=ALL_SERVICES) -> Platform:
+        for name in services:
+            service = load_service(name, self.settings)
+            await service.start()
+            self.services[name] = service
+        return self
+
+    async def add_agent(self, agent: Agent) -> Agent:
+        await agent.start()
+        self.agents.append(agent)
+        await wait_for(self._registered(agent.name), what=f"agent {agent.name} registered")
+        return agent
+
+    def _registered(self, name: str):
+        async def check() -> bool:
+            agents = (await self.client.get("/v1/agents")).json()["agents"]
+            return any(a["name"] == name and a["status"] == "alive" for a in agents)
+
+        return check
+
+    async def stop_agent(self, agent: Agent) -> None:
+        self._queues |= agent.bus._declared
+        await agent.stop()
+        self.agents.remove(agent)
+
+    async def submit(self, spec: dict, **kwargs) -> str:
+        response = await self.client.post("/v1/workflows", json=spec, **kwargs)
+        assert response.status_code == 202, response.text
+        return response.json()["workflow_id"]
+
+    async def wait(self, workflow_id: str, *, timeout: float = 60.0, until=("succeeded", "failed", "cancelled")):
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, min(5.0, deadline - time.monotonic()))
+            view = (await self.client.get(f"/v1/workflows/{workflow_id}", params={"wait": wait})).json()
+            if view["status"] in until or time.monotonic() > deadline:
+                assert view["status"] in until, f"workflow still {view['status']}: {view}"
+                return view
+
+    async def close(self) -> None:
+        for agent in list(self.agents):
+            await self.stop_agent(agent)
+        for service in reversed(list(self.services.values())):
+            self._queues |= service.bus._declared
+            await service.stop()
+        await self.client.aclose()
+        await cleanup(self.settings, self._queues)
+
+
+async def cleanup(settings: Settings, queues: set[str]) -> None:
+    """Deletes the namespace's queues, exchanges and Redis keys from the shared servers."""
+    from switchboard.topology import Topology
+
+    topology = Topology(settings.namespace)
+    connection = await aio_pika.connect(settings.amqp_url)
+    try:
+        for name in queues | {topology.dispatch, topology.coordinator, topology.results, topology.registry,
+                              topology.dlq}:
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(name)
+            except aio_pika.exceptions.AMQPError:
+                pass
+        for name in (topology.dlx, topology.control, topology.events):
+            channel = await connection.channel()
+            try:
+                await channel.exchange_delete(name)
+            except aio_pika.exceptions.AMQPError:
+                pass
+    finally:
+        await connection.close()
+    client = aioredis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"*{settings.namespace}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()

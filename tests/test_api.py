@@ -1,0 +1,128 @@
+"""The REST contract's refusals: every bad request gets a 4xx JSON error and changes nothing."""
+
+from __future__ import annotations
+
+import aio_pika
+import pytest
+
+from tests.harness import Platform
+
+VALID = {"tasks": [{"id": "a", "capability": "echo"}]}
+
+
+@pytest.fixture
+async def api_only(settings):
+    # No coordinator: whatever the api publishes stays in the coordinator's queue, where we count it.
+    platform = Platform(settings.model_copy(update={"max_payload_bytes": 1000, "api_token": "s3cret"}))
+    platform.client.headers["Authorization"] = "Bearer s3cret"
+    try:
+        await platform.start(services=("api",))
+        yield platform
+    finally:
+        await platform.close()
+
+
+async def announced(platform) -> int:
+    connection = await aio_pika.connect(platform.settings.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(platform.bus_topology.coordinator, passive=True)
+        return queue.declaration_result.message_count
+    finally:
+        await connection.close()
+
+
+Platform.bus_topology = property(lambda self: self.services["api"].bus.topology)
+
+BAD_WORKFLOWS = [
+    ({"tasks": [{"id": "a", "capability": "echo", "depends_on": ["ghost"]}]}, 422, "unknown_dependency", "ghost"),
+    ({"tasks": [{"id": "a", "capability": "echo", "depends_on": ["b"]},
+                {"id": "b", "capability": "echo", "depends_on": ["c"]},
+                {"id": "c", "capability": "echo", "depends_on": ["a"]}]}, 422, "dependency_cycle", "a -> b -> c -> a"),
+    ({"tasks": [{"id": "a", "capability": "echo", "depends_on": ["a"]}]}, 422, "dependency_cycle", "itself"),
+    ({"tasks": [{"id": "a", "capability": "echo"}, {"id": "a", "capability": "echo"}]}, 422, "duplicate_task_id", "'a'"),
+    ({"tasks": []}, 422, "empty_workflow", "at least one task"),
+    ({"tasks": [{"id": "a", "capability": "echo", "priority": "URGENT"}]}, 422, "invalid_request", "priority"),
+    ({"tasks": [{"id": "a", "capability": "echo", "payload": {"blob": "x" * 2000}}]}, 413, "payload_too_large", "limit is 1000"),
+    ({"tasks": [{"id": "a"}]}, 422, "invalid_request", "capability"),
+    ({"tasks": [{"id": "a", "capability": "echo", "depends_on": "b"}]}, 422, "invalid_request", "depends_on"),
+    ({"tasks": [{"id": "a", "capability": "echo", "max_attempts": 0}]}, 422, "invalid_request", "max_attempts"),
+    ({"tasks": [{"id": "a", "capability": "echo", "timeout_s": -1}]}, 422, "invalid_request", "timeout_s"),
+    ({"tasks": [{"id": "a", "capability": "echo", "colour": "red"}]}, 422, "invalid_request", "colour"),
+    ({"workflow": []}, 422, "invalid_request", "tasks"),
+]
+
+
+@pytest.mark.parametrize("body,status,code,mentions", BAD_WORKFLOWS, ids=[c for _, _, c, _ in BAD_WORKFLOWS])
+async def test_invalid_workflows_are_refused_and_nothing_is_stored_or_published(api_only, body, status, code, mentions):
+    response = await api_only.client.post("/v1/workflows", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert mentions in error["message"] + str(error.get("details", ""))
+    assert (await api_only.client.get("/v1/workflows")).json()["workflows"] == []
+    assert await announced(api_only) == 0
+
+
+async def test_malformed_json_and_wrong_content(api_only):
+    for raw in (b"{not json", b"", b"[1, 2", b"\xff\xfe"):
+        response = await api_only.client.post("/v1/workflows", content=raw,
+                                              headers={"Content-Type": "application/json"})
+        assert response.status_code in (400, 422), response.text
+        assert response.json()["error"]["code"] in ("malformed_json", "invalid_request")
+    response = await api_only.client.post("/v1/workflows", content=b"{" + b" " * 5_000_000 + b"}",
+                                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert await announced(api_only) == 0
+
+
+async def test_a_valid_workflow_is_stored_and_announced_once(api_only):
+    response = await api_only.client.post("/v1/workflows", json=VALID)
+    assert response.status_code == 202
+    assert response.json()["status"] == "pending"
+    assert await announced(api_only) == 1
+    listed = (await api_only.client.get("/v1/workflows", params={"status": "pending"})).json()
+    assert [w["workflow_id"] for w in listed["workflows"]] == [response.json()["workflow_id"]]
+
+
+async def test_mutating_calls_need_the_token_reads_do_not(api_only):
+    client = api_only.client
+    del client.headers["Authorization"]
+    for path in ("/v1/workflows", "/v1/tasks", "/v1/workflows/x/cancel"):
+        response = await client.post(path, json=VALID)
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "unauthorized"
+    wrong = await client.post("/v1/workflows", json=VALID, headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    assert (await client.get("/v1/workflows")).status_code == 200
+    assert (await client.get("/v1/agents")).status_code == 200
+    assert await announced(api_only) == 0
+
+
+async def test_lookups_and_parameters(api_only):
+    client = api_only.client
+    missing = await client.get("/v1/workflows/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "workflow_not_found"
+    assert (await client.post("/v1/workflows/nope/cancel")).status_code == 404
+    assert (await client.get("/v1/workflows", params={"status": "weird"})).status_code == 422
+    assert (await client.get("/v1/workflows/x", params={"wait": -1})).status_code == 422
+    assert (await client.get("/v1/nothing-here")).json()["error"]["code"] == "not_found"
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    assert (await client.get("/readyz")).status_code == 200
+    assert "switchboard_" in (await client.get("/metrics")).text
+    docs = (await client.get("/openapi.json")).json()
+    assert "/v1/workflows" in docs["paths"] and "/v1/workflows/{workflow_id}/cancel" in docs["paths"]
+
+
+async def test_listing_paginates_newest_first(api_only):
+    ids = [(await api_only.client.post("/v1/workflows", json=VALID)).json()["workflow_id"] for _ in range(5)]
+    page1 = (await api_only.client.get("/v1/workflows", params={"limit": 3})).json()
+    page2 = (await api_only.client.get("/v1/workflows", params={"limit": 3, "after": page1["next"]})).json()
+    assert [w["workflow_id"] for w in page1["workflows"] + page2["workflows"]] == ids[::-1]
+    assert page2["next"] is None
+
+
+async def test_long_poll_returns_at_the_deadline_for_an_unfinished_workflow(api_only):
+    wf_id = (await api_only.client.post("/v1/workflows", json=VALID)).json()["workflow_id"]
+    view = (await api_only.client.get(f"/v1/workflows/{wf_id}", params={"wait": 0.3})).json()
+    assert view["status"] == "pending"
