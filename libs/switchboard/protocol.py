@@ -140,7 +140,7 @@ def validate_workflow(spec: WorkflowSpec, *, max_payload_bytes: int, max_tasks: 
                 raise InvalidSpec("dependency_cycle", f"task {task.id!r} depends on itself")
     cycle = _find_cycle({t.id: t.depends_on for t in spec.tasks})
     if cycle:
-        raise InvalidSpec("dependency_cycle", "dependency cycle: " + " -> ".join(cycle))
+        raise InvalidSpec("dependency_cycle", "dependency cycle: " + " -> ".join(cycle) + " (each depends on the next)")
 
 
 def _find_cycle(parents: dict[str, list[str]]) -> list[str] | None:
