@@ -17,6 +17,7 @@ from switchboard.cli import load_service
 from switchboard.runtime import Service
 from switchboard.sdk import Agent
 from switchboard.settings import Settings
+from switchboard.topology import Topology
 
 ALL_SERVICES = ("api", "coordinator", "dispatcher", "registry", "aggregator", "dlq_replayer")
 
@@ -60,6 +61,10 @@ class Platform:
         self.agents: list[Agent] = []
         self.client = httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=60)
         self._queues: set[str] = set()
+
+    @property
+    def topology(self) -> Topology:
+        return Topology(self.settings.namespace)
 
     async def start(self, services=ALL_SERVICES) -> Platform:
         for name in services:
@@ -112,8 +117,6 @@ class Platform:
 
 async def cleanup(settings: Settings, queues: set[str]) -> None:
     """Deletes the namespace's queues, exchanges and Redis keys from the shared servers."""
-    from switchboard.topology import Topology
-
     topology = Topology(settings.namespace)
     connection = await aio_pika.connect(settings.amqp_url)
     try:

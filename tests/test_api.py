@@ -26,13 +26,10 @@ async def announced(platform) -> int:
     connection = await aio_pika.connect(platform.settings.amqp_url)
     try:
         channel = await connection.channel()
-        queue = await channel.declare_queue(platform.bus_topology.coordinator, passive=True)
+        queue = await channel.declare_queue(platform.topology.coordinator, passive=True)
         return queue.declaration_result.message_count
     finally:
         await connection.close()
-
-
-Platform.bus_topology = property(lambda self: self.services["api"].bus.topology)
 
 BAD_WORKFLOWS = [
     ({"tasks": [{"id": "a", "capability": "echo", "depends_on": ["ghost"]}]}, 422, "unknown_dependency", "ghost"),

@@ -12,7 +12,8 @@ import httpx
 import orjson
 import pytest
 
-from tests.harness import ALL_SERVICES, Platform, free_port, wait_for
+from switchboard.topology import Topology
+from tests.harness import ALL_SERVICES, cleanup, free_port, wait_for
 
 
 @pytest.fixture
@@ -35,12 +36,6 @@ async def processes(settings):
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        platform = Platform(settings)
-        await platform.close()  # deletes the namespace's queues and keys
-        # The agents' own queues: the example capabilities and agent names.
-        from tests.harness import cleanup
-        from switchboard.topology import Topology
-
         topology = Topology(settings.namespace)
         await cleanup(settings, {topology.capability_queue(c) for c in ("echo", "sleep", "fail", "plan")}
                       | {topology.agent_queue(a) for a in ("echo-agent", "sleep-agent", "fail-agent",
@@ -51,7 +46,7 @@ async def test_each_service_in_its_own_process(processes, settings):
     procs, ports = processes
     async with httpx.AsyncClient(timeout=30) as client:
         async def all_ready() -> bool:
-            for name, port in ports.items():
+            for port in ports.values():
                 try:
                     if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code != 200:
                         return False

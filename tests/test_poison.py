@@ -12,7 +12,7 @@ from tests.harness import wait_for
 async def test_poison_messages_are_dead_lettered_with_a_reason(platform):
     for agent in example_agents.build(platform.settings):
         await platform.add_agent(agent)
-    topology = platform.services["api"].bus.topology
+    topology = platform.topology
     poison = {
         "garbage": b"\x00\xff\xfegarbage",
         "wrong shape": orjson.dumps({"hello": "world"}),

@@ -6,7 +6,7 @@ import asyncio
 import random
 
 import example_agents
-from switchboard import Agent, TaskError
+from switchboard import Agent
 from switchboard.protocol import Envelope, MessageType
 from tests.harness import wait_for
 
@@ -117,7 +117,7 @@ async def test_a_result_delivered_twice_is_recorded_once(platform):
     wf_id = await platform.submit({"tasks": [{"id": "a", "capability": "manual"},
                                              {"id": "b", "capability": "manual"}]})
     await wait_for(lambda: _status(platform, wf_id, "a", "queued"), what="a queued")
-    bus = platform.services["api"].bus
+    bus = platform.services["api"].bus  # publishing as an agent would
 
     def result(task_id, value):
         return Envelope(type=MessageType.RESULT, source="tester", workflow_id=wf_id, task_id=task_id, attempt=1,

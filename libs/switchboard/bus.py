@@ -37,8 +37,10 @@ class Transient(Exception):
 class Consumer:
     """Consumes one or more queues on one channel, so the prefetch bounds them together."""
 
-    def __init__(self, bus: Bus, channel: AbstractChannel, queues: list[AbstractQueue], handler: Handler):
+    def __init__(self, bus: Bus, channel: AbstractChannel, queues: list[AbstractQueue], handler: Handler,
+                 raw: bool = False):
         self._bus, self._channel, self._queues, self._handler = bus, channel, queues, handler
+        self._raw = raw
         self._tags: list[tuple[AbstractQueue, str]] = []
         self._in_flight: set[asyncio.Task] = set()
 
@@ -55,6 +57,8 @@ class Consumer:
             self._in_flight.discard(task)
 
     async def _process(self, queue: str, message: AbstractIncomingMessage) -> None:
+        if self._raw:
+            return await self._process_raw(queue, message)
         try:
             envelope = Envelope.decode(message.body)
         except ValueError as exc:
@@ -81,6 +85,23 @@ class Consumer:
         else:
             if not message.processed:
                 await message.ack()
+            telemetry.MESSAGES.labels(queue, "ok").inc()
+
+    async def _process_raw(self, queue: str, message: AbstractIncomingMessage) -> None:
+        # Dead letters themselves: nowhere further to dead-letter them, so a failure is logged and dropped.
+        try:
+            await self._handler(message)
+        except (Transient, StoreUnavailable, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
+            log.warning("requeueing message from %s: %s", queue, exc)
+            await asyncio.sleep(_TRANSIENT_PAUSE_S)
+            await message.nack(requeue=True)
+            telemetry.MESSAGES.labels(queue, "requeued").inc()
+        except Exception:
+            log.exception("dropping message from %s that cannot be processed", queue)
+            await message.reject()
+            telemetry.MESSAGES.labels(queue, "dropped").inc()
+        else:
+            await message.ack()
             telemetry.MESSAGES.labels(queue, "ok").inc()
 
     @property
@@ -188,18 +209,21 @@ class Bus:
         target = await self._exchange(self.topology.dlx)
         await target.publish(copy, routing_key=queue)
 
-    async def consume(self, queues: str | list[str], handler: Handler, *, prefetch: int) -> Consumer:
-        """Consumes existing queues; `prefetch` bounds the unacked messages of all of them together."""
+    async def consume(self, queues: str | list[str], handler: Handler, *, prefetch: int, raw: bool = False
+                      ) -> Consumer:
+        """Consumes existing queues; `prefetch` bounds the unacked messages of all of them together.
+        With raw, the handler gets the AMQP message itself rather than a decoded envelope."""
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch, global_=True)
         names = [queues] if isinstance(queues, str) else queues
         amqp_queues = [await channel.get_queue(name, ensure=False) for name in names]
-        consumer = Consumer(self, channel, amqp_queues, handler)
+        consumer = Consumer(self, channel, amqp_queues, handler, raw)
         await consumer.start()
         return consumer
 
     async def consume_private(self, handler: Handler, *, name: str = "", bind_control: bool = False,
                               prefetch: int = 100) -> Consumer:
+        # Consumer.stop() closes the channel, which deletes the queue: nothing is left behind.
         """A queue of this process alone, deleted when it disconnects: replies, or the control fanout."""
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)

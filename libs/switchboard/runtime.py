@@ -16,7 +16,7 @@ from aio_pika.exceptions import AMQPError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from switchboard import telemetry
-from switchboard.bus import Bus
+from switchboard.bus import Bus, Consumer
 from switchboard.settings import Settings
 from switchboard.state import Store, open_store
 
@@ -37,6 +37,8 @@ class Service:
         self.store: Store | None = None
         self.redis: aioredis.Redis | None = None
         self._started = False
+        self._consumers: list[Consumer] = []
+        self._background: list[asyncio.Task] = []
 
     async def start(self) -> None:
         if self.uses_store:
@@ -49,10 +51,18 @@ class Service:
         self._started = True
 
     async def stop(self) -> None:
+        """Drain consumers first (their handlers may still need the background tasks), then the rest."""
         self._started = False
         try:
+            for consumer in reversed(self._consumers):  # last started, first stopped
+                await consumer.stop()
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
             await self.teardown()
         finally:
+            self._consumers.clear()
+            self._background.clear()
             await self.bus.close()
             if self.redis is not None:
                 await self.redis.aclose()
@@ -60,10 +70,33 @@ class Service:
                 await self.store.close()
 
     async def setup(self) -> None:
-        """Start consuming and any background loops."""
+        """Start consuming (self.consume) and any background work (self.every, self.background)."""
 
     async def teardown(self) -> None:
-        """Stop consuming; finish or requeue in-flight work."""
+        """Release what setup() made beyond consumers and background tasks, which stop() handles."""
+
+    async def consume(self, queues: str | list[str], handler, *, prefetch: int, raw: bool = False) -> Consumer:
+        consumer = await self.bus.consume(queues, handler, prefetch=prefetch, raw=raw)
+        self._consumers.append(consumer)
+        return consumer
+
+    def background(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._background.append(task)
+        return task
+
+    def every(self, interval_s: float, fn, what: str) -> asyncio.Task:
+        """Runs `await fn()` every interval; a failure is logged and the next round tries again."""
+
+        async def repeat():
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    await fn()
+                except Exception as exc:
+                    log.warning("%s failed (%s); retrying in %.1fs", what, exc, interval_s)
+
+        return self.background(repeat())
 
     def is_ready(self) -> bool:
         return self._started and self.bus.is_connected

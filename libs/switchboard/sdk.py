@@ -30,7 +30,6 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from switchboard import runtime, telemetry
-from switchboard.bus import Consumer
 from switchboard.protocol import Envelope, MessageType, WorkflowSpec, validate_workflow
 from switchboard.settings import Settings, get_settings
 
@@ -97,8 +96,6 @@ class Agent(runtime.Service):
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._replies: dict[str, asyncio.Future] = {}
-        self._consumers: list[Consumer] = []
-        self._task_consumer: Consumer | None = None
         self._heartbeat: asyncio.Task | None = None
 
     def handler(self, capability: str) -> Callable[[TaskHandler], TaskHandler]:
@@ -118,22 +115,16 @@ class Agent(runtime.Service):
         queues = [topology.capability_queue(c) for c in self.capabilities] + [topology.agent_queue(self.name)]
         for queue in queues:
             await self.bus.ensure_work_queue(queue)
+        # Stopped in reverse: tasks drain first, while replies to their delegations can still arrive.
         self._consumers.append(await self.bus.consume_private(self._on_control, bind_control=True))
         self._consumers.append(await self.bus.consume_private(self._on_reply, name=self.reply_queue))
         await self._send_heartbeat("agent.heartbeat")
-        self._task_consumer = await self.bus.consume(queues, self._on_task, prefetch=self.concurrency)
-        self._heartbeat = asyncio.create_task(self._heartbeat_loop())
+        await self.consume(queues, self._on_task, prefetch=self.concurrency)
+        self._heartbeat = self.every(self.settings.heartbeat_interval_s, self._beat, "heartbeat")
 
     async def teardown(self) -> None:
-        if self._task_consumer is not None:
-            await self._task_consumer.stop()
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
         if self.bus.is_connected:
             await self._send_heartbeat("agent.stopped")
-        for consumer in self._consumers:
-            await consumer.stop(drain_timeout_s=1)
-        self._consumers.clear()
 
     def run(self) -> None:
         runtime.run(self)
@@ -145,13 +136,8 @@ class Agent(runtime.Service):
         env = Envelope(type=MessageType.EVENT, subject=subject, source=self.name, payload=info)
         await self.bus.publish(env, self.bus.topology.registry)
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_interval_s)
-            try:
-                await self._send_heartbeat("agent.heartbeat")
-            except Exception as exc:  # the robust connection is reconnecting; the next beat will do
-                log.warning("heartbeat failed: %s", exc)
+    async def _beat(self) -> None:
+        await self._send_heartbeat("agent.heartbeat")
 
     # ---- tasks -------------------------------------------------------------------------------------
     async def _on_task(self, env: Envelope, message: AbstractIncomingMessage) -> None:

@@ -36,13 +36,8 @@ class Aggregator(Service):
         self.workflows = WorkflowStore(self.store, self.settings)
         self.pending: list[tuple[Envelope, asyncio.Future]] = []
         self.wakeup = asyncio.Event()
-        self.writer = asyncio.create_task(self._write_loop())
-        self.consumer = await self.bus.consume(self.bus.topology.results, self.handle, prefetch=PREFETCH)
-
-    async def teardown(self) -> None:
-        if hasattr(self, "consumer"):
-            await self.consumer.stop()
-            self.writer.cancel()
+        self.background(self._write_loop())
+        await self.consume(self.bus.topology.results, self.handle, prefetch=PREFETCH)
 
     async def handle(self, env: Envelope, message) -> None:
         if env.type not in _OUTCOMES or not env.workflow_id or not env.task_id:

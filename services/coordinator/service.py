@@ -32,13 +32,8 @@ class Coordinator(Service):
     async def setup(self) -> None:
         self.workflows = WorkflowStore(self.store, self.settings)
         self.graph = DependencyGraph(redis.Redis.from_url(self.settings.redis_url), self.settings.namespace)
-        self.consumer = await self.bus.consume(self.bus.topology.coordinator, self.handle, prefetch=64)
-        self.sweeper = asyncio.create_task(self._sweep_intake())
-
-    async def teardown(self) -> None:
-        if hasattr(self, "sweeper"):
-            self.sweeper.cancel()
-            await self.consumer.stop()
+        await self.consume(self.bus.topology.coordinator, self.handle, prefetch=64)
+        self.every(INTAKE_SWEEP_S, self._sweep_intake, "intake sweep")
 
     async def handle(self, env: Envelope, message) -> None:
         if env.subject == "workflow.submitted":
@@ -89,11 +84,6 @@ class Coordinator(Service):
             raise Transient(f"redis: {exc}") from exc
 
     async def _sweep_intake(self) -> None:
-        while True:
-            await asyncio.sleep(INTAKE_SWEEP_S)
-            try:
-                for wf_id in await self.workflows.unscheduled(older_than_s=INTAKE_SWEEP_S):
-                    log.info("taking in workflow %s that was never announced", wf_id)
-                    await self.take_in(wf_id)
-            except Exception:
-                log.exception("intake sweep failed; next sweep will retry")
+        for wf_id in await self.workflows.unscheduled(older_than_s=INTAKE_SWEEP_S):
+            log.info("taking in workflow %s that was never announced", wf_id)
+            await self.take_in(wf_id)

@@ -7,7 +7,6 @@ wait in a hold queue (their `reason` says why) and flow on as soon as an agent f
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -37,15 +36,13 @@ class Dispatcher(Service):
         self.hold_consumers: dict[str, object] = {}
         self.refreshed_at = 0.0
         await self._refresh()
-        self.consumer = await self.bus.consume(self.bus.topology.dispatch, self.route, prefetch=256)
-        self.refresher = asyncio.create_task(self._refresh_loop())
+        await self.consume(self.bus.topology.dispatch, self.route, prefetch=256)
+        self.every(REFRESH_S, self._refresh, "registry refresh")
 
     async def teardown(self) -> None:
-        if hasattr(self, "refresher"):
-            self.refresher.cancel()
-            await self.consumer.stop()
-            for consumer in self.hold_consumers.values():
-                await consumer.stop()
+        for consumer in self.hold_consumers.values():
+            await consumer.stop()
+        self.hold_consumers.clear()
 
     async def route(self, env: Envelope, message=None) -> None:
         if env.type != MessageType.TASK or not env.workflow_id or not env.task_id:
@@ -82,14 +79,6 @@ class Dispatcher(Service):
         for capability in set(self.hold_consumers) - self.live_capabilities:
             await self.hold_consumers.pop(capability).stop()
         self.refreshed_at = time.monotonic()
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(REFRESH_S)
-            try:
-                await self._refresh()
-            except Exception as exc:
-                log.warning("registry refresh failed: %s", exc)
 
     def is_ready(self) -> bool:
         return super().is_ready() and time.monotonic() - self.refreshed_at < 10 * REFRESH_S + 5

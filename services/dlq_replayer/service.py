@@ -17,26 +17,15 @@ class DlqReplayer(Service):
 
     async def setup(self) -> None:
         self.dead_letters = DeadLetters(self.store, self.settings)
-        channel = await self.bus.connection.channel()
-        await channel.set_qos(prefetch_count=64)
-        queue = await channel.get_queue(self.bus.topology.dlq, ensure=False)
-        self.channel = channel
-        self.tag = await queue.consume(self.keep)
-        self.queue = queue
-
-    async def teardown(self) -> None:
-        if hasattr(self, "tag"):
-            await self.queue.cancel(self.tag)
-            await self.channel.close()
+        # Dead letters are raw messages, often not envelopes at all.
+        await self.consume(self.bus.topology.dlq, self.keep, prefetch=64, raw=True)
 
     async def keep(self, message: AbstractIncomingMessage) -> None:
-        # Dead letters are raw messages, often not envelopes at all: read them here, not via Bus.consume.
         headers = dict(message.headers or {})
         reason = str(headers.get(REASON_HEADER) or _x_death_reason(headers) or "unknown")
         queue = str(headers.get(QUEUE_HEADER) or message.routing_key or "")
-        async with message.process(requeue=True):
-            await self.dead_letters.add(reason=reason, queue=queue, body=message.body, headers=headers,
-                                        message_id=message.message_id)
+        await self.dead_letters.add(reason=reason, queue=queue, body=message.body, headers=headers,
+                                    message_id=message.message_id)
 
 
 def _x_death_reason(headers: dict) -> str | None:

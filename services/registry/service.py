@@ -3,7 +3,6 @@ and forgets them after a longer silence. Agents that stop cleanly deregister."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -25,13 +24,8 @@ class Registry(Service):
 
     async def setup(self) -> None:
         self.client = RegistryClient(self.redis, self.settings)
-        self.consumer = await self.bus.consume(self.bus.topology.registry, self.handle, prefetch=256)
-        self.sweeper = asyncio.create_task(self._sweep_loop())
-
-    async def teardown(self) -> None:
-        if hasattr(self, "sweeper"):
-            self.sweeper.cancel()
-            await self.consumer.stop()
+        await self.consume(self.bus.topology.registry, self.handle, prefetch=256)
+        self.every(SWEEP_S, self._sweep, "registry sweep")
 
     async def handle(self, env: Envelope, message) -> None:
         if env.subject == "agent.heartbeat":
@@ -46,14 +40,6 @@ class Registry(Service):
             await self.client.remove(env.payload["name"])
         else:
             raise ValueError(f"registry does not handle subject {env.subject!r}")
-
-    async def _sweep_loop(self) -> None:
-        while True:
-            await asyncio.sleep(SWEEP_S)
-            try:
-                await self._sweep()
-            except Exception as exc:
-                log.warning("registry sweep failed: %s", exc)
 
     async def _sweep(self) -> None:
         now = time.time()
