@@ -55,8 +55,13 @@ def serve(name: str) -> None:
 
 
 async def _check(settings: Settings) -> dict[str, str | None]:
+    import logging
+
     import aio_pika
     import redis.asyncio as aioredis
+
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)  # we report the failure ourselves
+    logging.getLogger("aio_pika").setLevel(logging.CRITICAL)
 
     problems: dict[str, str | None] = {"RabbitMQ": None, "Redis": None}
     try:

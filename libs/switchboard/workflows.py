@@ -205,33 +205,31 @@ class WorkflowStore:
 
         return await self.store.transact(txn)
 
-    async def dependency_map(self, wf_id: str) -> dict[str, list[str]] | None:
-        """task id → parent ids, for the dependency engine; None if the workflow is gone or finished."""
+    async def start(self, wf_ids: list[str]) -> tuple[dict[str, dict[str, list[str]]], FollowUps]:
+        """Intake: queue the tasks that wait on nothing. Returns, for each workflow with dependencies,
+        task id → parent ids, which the caller registers with the dependency engine before it publishes
+        the follow-ups. Replaying it re-sends roots still queued."""
 
         def txn(tr: Transaction):
-            raw = tr.get(self._wf_key(wf_id))
-            if raw is None or orjson.loads(raw)["status"] in TERMINAL_WORKFLOW:
-                return None
-            return {t["id"]: t["depends_on"] for t in self._tasks(tr, wf_id)}
-
-        return await self.store.transact(txn)
-
-    async def start(self, wf_id: str) -> FollowUps:
-        """Intake: queue the tasks that wait on nothing. Replaying it re-sends roots still queued."""
-
-        def txn(tr: Transaction) -> FollowUps:
-            out = FollowUps()
-            tr.clear(pack(self.ns, "unscheduled", wf_id))
-            wf = self._read_wf(tr, wf_id)
-            if wf["status"] in TERMINAL_WORKFLOW:
-                out.replies += self._reply(wf)
-                return out
-            if wf["status"] == "pending":
-                self._set_wf_status(tr, wf, "running")
-            for task in self._tasks(tr, wf_id):
-                if not task["depends_on"] and task["status"] in ("pending", "queued"):
-                    out.dispatch.append(self._queue_task(tr, wf_id, task, {}))
-            return out
+            out, graphs = FollowUps(), {}
+            for wf_id in wf_ids:
+                tr.clear(pack(self.ns, "unscheduled", wf_id))
+                raw = tr.get(self._wf_key(wf_id))
+                if raw is None:
+                    continue
+                wf = orjson.loads(raw)
+                if wf["status"] in TERMINAL_WORKFLOW:
+                    out.replies += self._reply(wf)
+                    continue
+                if wf["status"] == "pending":
+                    self._set_wf_status(tr, wf, "running")
+                tasks = self._tasks(tr, wf_id)
+                if any(t["depends_on"] for t in tasks):
+                    graphs[wf_id] = {t["id"]: t["depends_on"] for t in tasks}
+                for task in tasks:
+                    if not task["depends_on"] and task["status"] in ("pending", "queued"):
+                        out.dispatch.append(self._queue_task(tr, wf_id, task, {}))
+            return graphs, out
 
         return await self.store.transact(txn)
 

@@ -37,8 +37,7 @@ class Coordinator(Service):
 
     async def handle(self, env: Envelope, message) -> None:
         if env.subject == "workflow.submitted":
-            for wf_id in env.payload["workflow_ids"]:
-                await self.take_in(wf_id)
+            await self.take_in(env.payload["workflow_ids"])
         elif env.subject == "workflow.submit":
             await self._submit_child(env)
         elif env.subject == "task.succeeded":
@@ -46,12 +45,12 @@ class Coordinator(Service):
         else:
             raise ValueError(f"coordinator does not handle subject {env.subject!r}")
 
-    async def take_in(self, wf_id: str) -> None:
-        parents = await self.workflows.dependency_map(wf_id)
-        if parents is not None and any(parents.values()):
-            # Before any root runs, so no parent can finish before its dependents are registered.
+    async def take_in(self, wf_ids: list[str]) -> None:
+        graphs, out = await self.workflows.start(wf_ids)
+        # Before any root is published, so no parent can finish before its dependents are registered.
+        for wf_id, parents in graphs.items():
             await self._redis(self.graph.register, wf_id, parents)
-        await self._publish(await self.workflows.start(wf_id))
+        await self._publish(out)
 
     async def _submit_child(self, env: Envelope) -> None:
         spec = WorkflowSpec.model_validate(env.payload["workflow"])
@@ -63,7 +62,7 @@ class Coordinator(Service):
         wf_id = await self.workflows.create_child(
             spec, env.payload["idempotency_key"], env.payload.get("parent"), env.reply_to, env.correlation_id
         )
-        await self.take_in(wf_id)
+        await self.take_in([wf_id])
 
     async def _release(self, wf_id: str, task_id: str, *, check_store: bool) -> None:
         ready = await self._redis(self.graph.release, wf_id, task_id)
@@ -84,6 +83,7 @@ class Coordinator(Service):
             raise Transient(f"redis: {exc}") from exc
 
     async def _sweep_intake(self) -> None:
-        for wf_id in await self.workflows.unscheduled(older_than_s=INTAKE_SWEEP_S):
-            log.info("taking in workflow %s that was never announced", wf_id)
-            await self.take_in(wf_id)
+        wf_ids = await self.workflows.unscheduled(older_than_s=INTAKE_SWEEP_S)
+        if wf_ids:
+            log.info("taking in %d workflows that were never announced", len(wf_ids))
+            await self.take_in(wf_ids)
