@@ -35,7 +35,7 @@ class Transient(Exception):
 
 
 class Consumer:
-    """Consumes one or more queues on one channel, so the prefetch bounds them together."""
+    """Consumes one or more queues on one channel with manual acks."""
 
     def __init__(self, bus: Bus, channel: AbstractChannel, queues: list[AbstractQueue], handler: Handler,
                  raw: bool = False):
@@ -211,10 +211,11 @@ class Bus:
 
     async def consume(self, queues: str | list[str], handler: Handler, *, prefetch: int, raw: bool = False
                       ) -> Consumer:
-        """Consumes existing queues; `prefetch` bounds the unacked messages of all of them together.
-        With raw, the handler gets the AMQP message itself rather than a decoded envelope."""
+        """Consumes existing queues; `prefetch` bounds the unacked messages of each queue's consumer
+        (per consumer: RabbitMQ 4.3 refuses channel-wide QoS). With raw, the handler gets the AMQP
+        message itself rather than a decoded envelope."""
         channel = await self.connection.channel()
-        await channel.set_qos(prefetch_count=prefetch, global_=True)
+        await channel.set_qos(prefetch_count=prefetch)
         names = [queues] if isinstance(queues, str) else queues
         amqp_queues = [await channel.get_queue(name, ensure=False) for name in names]
         consumer = Consumer(self, channel, amqp_queues, handler, raw)

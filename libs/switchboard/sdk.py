@@ -97,6 +97,9 @@ class Agent(runtime.Service):
         self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._replies: dict[str, asyncio.Future] = {}
         self._heartbeat: asyncio.Task | None = None
+        # Prefetch is per queue, so an agent serving several capabilities may hold a few more tasks
+        # than it runs; this bounds what runs at once.
+        self._slots = asyncio.Semaphore(self.concurrency)
 
     def handler(self, capability: str) -> Callable[[TaskHandler], TaskHandler]:
         def register(fn: TaskHandler) -> TaskHandler:
@@ -143,6 +146,10 @@ class Agent(runtime.Service):
     async def _on_task(self, env: Envelope, message: AbstractIncomingMessage) -> None:
         if env.type != MessageType.TASK or not env.workflow_id or not env.task_id:
             raise ValueError(f"not a task message: type={env.type.value} subject={env.subject!r}")
+        async with self._slots:
+            await self._run_task(env)
+
+    async def _run_task(self, env: Envelope) -> None:
         if env.workflow_id in self._cancelled:
             return
         capability = env.payload.get("capability", "")
