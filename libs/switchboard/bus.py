@@ -38,15 +38,35 @@ class Consumer:
     """Consumes one or more queues on one channel with manual acks."""
 
     def __init__(self, bus: Bus, channel: AbstractChannel, queues: list[AbstractQueue], handler: Handler,
-                 raw: bool = False):
+                 raw: bool = False, arguments: dict | None = None):
         self._bus, self._channel, self._queues, self._handler = bus, channel, queues, handler
         self._raw = raw
+        self._arguments = arguments
         self._tags: list[tuple[AbstractQueue, str]] = []
         self._in_flight: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         for queue in self._queues:
-            self._tags.append((queue, await queue.consume(functools.partial(self._deliver, queue.name))))
+            tag = await queue.consume(functools.partial(self._deliver, queue.name), arguments=self._arguments)
+            self._tags.append((queue, tag))
+
+    @property
+    def consuming(self) -> bool:
+        return bool(self._tags)
+
+    async def pause(self) -> None:
+        """Take no more messages; in-flight ones go on and are acked on this channel as usual."""
+        tags, self._tags = self._tags, []
+        if not self._channel.is_closed:
+            for queue, tag in tags:
+                try:
+                    await queue.cancel(tag)
+                except aio_pika.exceptions.AMQPError:
+                    pass
+
+    async def resume(self) -> None:
+        if not self._tags:
+            await self.start()
 
     async def _deliver(self, queue: str, message: AbstractIncomingMessage) -> None:
         task = asyncio.current_task()
@@ -111,13 +131,7 @@ class Consumer:
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop taking messages and let in-flight handlers finish; past the deadline they are cancelled
         and their messages, never acked, are requeued by the broker when the channel closes."""
-        if not self._channel.is_closed:
-            for queue, tag in self._tags:
-                try:
-                    await queue.cancel(tag)
-                except aio_pika.exceptions.AMQPError:
-                    pass
-        self._tags.clear()
+        await self.pause()
         if self._in_flight:
             _, late = await asyncio.wait(set(self._in_flight), timeout=drain_timeout_s)
             for task in late:
@@ -159,7 +173,9 @@ class Bus:
 
     async def ensure_work_queue(self, name: str) -> None:
         if name not in self._declared:
-            await self.topology.declare_work_queue(self._channel, name)
+            hold = name.startswith(self.topology.hold_queue(""))
+            await self.topology.declare_work_queue(
+                self._channel, name, ttl_s=self.settings.unroutable_after_s if hold else None)
             self._declared.add(name)
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
@@ -187,6 +203,18 @@ class Bus:
         target = await self._exchange(exchange)
         await target.publish(message, routing_key=routing_key)
 
+    async def publish_delayed(self, envelope: Envelope, routing_key: str, delay_s: float) -> None:
+        """Delivers to `routing_key` after `delay_s`: the wait happens in RabbitMQ, not in a process."""
+        delay_ms = round(delay_s * 10) * 100  # 100 ms steps bound the number of delay queues
+        if delay_ms <= 0:
+            return await self.publish(envelope, routing_key)
+        queue = await self.topology.declare_delay_queue(self._channel, routing_key, delay_ms)
+        await self.publish(envelope, queue)
+
+    async def publish_raw(self, body: bytes, routing_key: str) -> None:
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+        await self._channel.default_exchange.publish(message, routing_key=routing_key)
+
     async def publish_many(self, messages: list[tuple[Envelope, str]]) -> None:
         """Publishes concurrently, so a batch waits for one round of confirms rather than one per message."""
         if messages:
@@ -209,8 +237,8 @@ class Bus:
         target = await self._exchange(self.topology.dlx)
         await target.publish(copy, routing_key=queue)
 
-    async def consume(self, queues: str | list[str], handler: Handler, *, prefetch: int, raw: bool = False
-                      ) -> Consumer:
+    async def consume(self, queues: str | list[str], handler: Handler, *, prefetch: int, raw: bool = False,
+                      arguments: dict | None = None, paused: bool = False) -> Consumer:
         """Consumes existing queues; `prefetch` bounds the unacked messages of each queue's consumer
         (per consumer: RabbitMQ 4.3 refuses channel-wide QoS). With raw, the handler gets the AMQP
         message itself rather than a decoded envelope."""
@@ -218,8 +246,9 @@ class Bus:
         await channel.set_qos(prefetch_count=prefetch)
         names = [queues] if isinstance(queues, str) else queues
         amqp_queues = [await channel.get_queue(name, ensure=False) for name in names]
-        consumer = Consumer(self, channel, amqp_queues, handler, raw)
-        await consumer.start()
+        consumer = Consumer(self, channel, amqp_queues, handler, raw, arguments)
+        if not paused:
+            await consumer.start()
         return consumer
 
     async def consume_private(self, handler: Handler, *, name: str = "", bind_control: bool = False,

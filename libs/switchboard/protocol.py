@@ -91,6 +91,15 @@ class InvalidSpec(ValueError):
         self.code = code
 
 
+class RetryPolicy(BaseModel):
+    """Exponential backoff with full jitter: retry n waits a random time in [0, min(max_s, base_s * 2**(n-1))]."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_s: float = Field(0.5, ge=0, le=3600)
+    max_s: float = Field(30.0, ge=0, le=24 * 3600)
+
+
 class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -102,6 +111,7 @@ class TaskSpec(BaseModel):
     timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
     max_attempts: int | None = Field(None, ge=1, le=100)
     agent: str | None = Field(None, min_length=1, max_length=128, description="Route to this agent only.")
+    retry: RetryPolicy | None = None
 
     @field_validator("depends_on")
     @classmethod

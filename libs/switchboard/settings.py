@@ -35,6 +35,13 @@ class Settings(BaseSettings):
     max_tasks_per_workflow: int = 10_000
     default_timeout_s: float = 300.0
     default_max_attempts: int = 3
+    # The coordinator's watchdog fails a running attempt with no result by its timeout plus this grace.
+    watchdog_grace_s: float = 10.0
+    # A task no live agent could take for this long is dead-lettered (it waits in a hold queue until then).
+    unroutable_after_s: float = 600.0
+    # Circuit breakers per capability and per agent: open after this many consecutive failures, probe after reset.
+    breaker_fail_max: int = 5
+    breaker_reset_s: float = 30.0
     # Agents heartbeat this often; the registry marks an agent lost after agent_lost_after_s of silence.
     heartbeat_interval_s: float = 2.0
     agent_lost_after_s: float = 10.0

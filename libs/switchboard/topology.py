@@ -1,9 +1,12 @@
 """Every exchange and queue, named and declared in one place, so their arguments always agree.
 
 Flow:  api ──workflow.submitted──▶ coordinator ──ready task──▶ dispatch ──▶ dispatcher
-       dispatcher ──▶ cap.<capability> | agent.<name> | hold.<capability> (no live agent yet)
+       dispatcher ──▶ cap.<capability> | agent.<name> | hold.<capability> (no live agent yet; dead-lettered
+                      after unroutable_after_s) | paused.<capability> (paused, or its breaker is open)
+       aggregator ──retry──▶ delay.<ms> ──(TTL expires)──▶ dispatch
        agent ──status/result/error──▶ results ──▶ aggregator ──task.succeeded──▶ coordinator
        agent ──register/heartbeat──▶ registry;  anything unprocessable ──▶ dlx ──▶ dlq ──▶ dlq-replayer
+       api ──replay requests──▶ replay ──▶ dlq-replayer (rate-limited)
        control (fanout): pause, resume, stop-all, cancel ──▶ every dispatcher and agent
 """
 
@@ -42,6 +45,10 @@ class Topology:
         return f"{self.namespace}.dlq"
 
     @property
+    def replay(self) -> str:
+        return f"{self.namespace}.replay"
+
+    @property
     def dlx(self) -> str:
         return f"{self.namespace}.dlx"
 
@@ -62,6 +69,12 @@ class Topology:
     def hold_queue(self, capability: str) -> str:
         return f"{self.namespace}.hold.{capability}"
 
+    def paused_queue(self, capability: str) -> str:
+        return f"{self.namespace}.paused.{capability}"
+
+    def delay_queue(self, target: str, delay_ms: int) -> str:
+        return f"{target}.delay.{delay_ms}"
+
     def _arguments(self, *, priority: bool) -> dict:
         arguments: dict = {"x-dead-letter-exchange": self.dlx}
         if priority:
@@ -80,12 +93,27 @@ class Topology:
             (self.coordinator, False),
             (self.results, False),
             (self.registry, False),
+            (self.replay, False),
         ):
             await channel.declare_queue(name, durable=True, arguments=self._arguments(priority=priority))
 
-    async def declare_work_queue(self, channel: AbstractChannel, name: str) -> None:
-        """A capability, agent or hold queue: durable, so queued tasks outlive every process."""
-        await channel.declare_queue(name, durable=True, arguments=self._arguments(priority=True))
+    async def declare_work_queue(self, channel: AbstractChannel, name: str, *, ttl_s: float | None = None) -> None:
+        """A capability, agent, hold or paused queue: durable, so queued tasks outlive every process.
+        A hold queue has a TTL: what no agent took by then is dead-lettered, reason "expired"."""
+        arguments = self._arguments(priority=True)
+        if ttl_s is not None:
+            arguments["x-message-ttl"] = int(ttl_s * 1000)
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+
+    async def declare_delay_queue(self, channel: AbstractChannel, target: str, delay_ms: int) -> str:
+        """A queue nobody consumes: messages wait out their TTL, then dead-letter into `target`. It
+        deletes itself a minute after its last use, so a spread of delays leaves nothing behind; every
+        publish declares it again, which also restarts that minute."""
+        name = self.delay_queue(target, delay_ms)
+        await channel.declare_queue(name, durable=True, arguments={
+            "x-message-ttl": delay_ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target,
+            "x-expires": delay_ms + 60_000, "x-max-priority": MAX_PRIORITY})
+        return name
 
     async def control_exchange(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.get_exchange(self.control, ensure=False)

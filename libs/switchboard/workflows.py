@@ -1,30 +1,39 @@
 """Workflow and task state: every rule about how a workflow moves, as transactions on the state store.
 
-Each public function of WorkflowStore runs one serializable transaction. Functions return the messages
-the caller must publish after the commit ("follow-ups"); a caller that crashes before publishing gets
-the same message redelivered, and replaying it yields the same follow-ups again, so nothing is lost and
-nothing is recorded twice (duplicates are detected by task status and attempt number).
+Each public method of WorkflowStore runs one serializable transaction and returns the messages the
+caller must publish after the commit (FollowUps). A caller that dies before publishing gets its input
+redelivered; replaying it yields the same follow-ups again, and receivers ignore duplicates (by task
+status and attempt number). So nothing is lost and nothing is recorded twice.
 
-Keys (fdb.tuple packed):  (ns, "wf", wf_id) → workflow   (ns, "task", wf_id, task_id) → task
-                          (ns, "status", status, wf_id) → b""  (ns, "idem", key) → {workflow_id, digest}
-                          (ns, "unscheduled", wf_id) → b""     (intake not yet done by a coordinator)
+Keys (fdb.tuple packed):
+  (ns, "wf", wf_id) → workflow                 (ns, "task", wf_id, task_id) → task
+  (ns, "status", status, wf_id) → b""          (ns, "idem", key) → {workflow_id, digest}
+  (ns, "unscheduled", wf_id) → created_at      intake not yet done by a coordinator
+  (ns, "deadline", ts, wf_id, task_id) → attempt   running attempts, for the timeout watchdog
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import random
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from switchboard import deadletters
 from switchboard.protocol import Envelope, MessageType, Priority, WorkflowSpec, new_id
 from switchboard.settings import Settings
 from switchboard.state import Store, Transaction, pack, prefix_range, unpack
 
+if TYPE_CHECKING:
+    from switchboard.bus import Bus
+
 TERMINAL_TASK = {"succeeded", "failed", "cancelled"}
 TERMINAL_WORKFLOW = {"succeeded", "failed", "cancelled"}
+_MIN_DELAY_S = 0.05  # shorter retry delays are not worth a trip through a delay queue
 
 
 class NotFound(LookupError):
@@ -35,47 +44,59 @@ class IdempotencyConflict(ValueError):
     pass
 
 
+class NotReplayable(ValueError):
+    pass
+
+
 @dataclass
 class FollowUps:
     """Messages to publish once the transaction has committed."""
 
     dispatch: list[Envelope] = field(default_factory=list)  # ready tasks → dispatcher
+    delayed: list[tuple[Envelope, float]] = field(default_factory=list)  # retries, after a backoff
     coordinator: list[Envelope] = field(default_factory=list)  # task.succeeded → dependency release
     replies: list[tuple[Envelope, str]] = field(default_factory=list)  # child workflow done → its parent
     control: list[Envelope] = field(default_factory=list)  # broadcasts (cancel)
+    raw: list[tuple[bytes, str]] = field(default_factory=list)  # replayed dead letters → their queue
+    # Not messages: (capability, agent, succeeded) of each attempt that ended, for the circuit breakers.
+    outcomes: list[tuple[str, str, bool]] = field(default_factory=list)
 
     def extend(self, other: FollowUps) -> None:
-        self.dispatch += other.dispatch
-        self.coordinator += other.coordinator
-        self.replies += other.replies
-        self.control += other.control
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
 
-
-def _dumps(value: Any) -> bytes:
-    return orjson.dumps(value)
+    async def publish(self, bus: Bus) -> None:
+        topology = bus.topology
+        await bus.publish_many([(env, topology.dispatch) for env in self.dispatch]
+                               + [(env, topology.coordinator) for env in self.coordinator] + self.replies)
+        for env, delay_s in self.delayed:
+            await bus.publish_delayed(env, topology.dispatch, delay_s)
+        for body, queue in self.raw:
+            await bus.publish_raw(body, queue)
+        for env in self.control:
+            await bus.broadcast(env)
 
 
 def spec_digest(spec: WorkflowSpec) -> str:
     return hashlib.sha256(orjson.dumps(spec.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def backoff_s(retry: dict, attempt: int) -> float:
+    """Full jitter (AWS's "exponential backoff and jitter"): spreads retries of many tasks apart."""
+    return random.uniform(0, min(retry["max_s"], retry["base_s"] * 2 ** (attempt - 1)))
+
+
 def task_view(task: dict) -> dict:
-    keys = ("id", "capability", "status", "attempts", "result", "error", "reason", "depends_on", "priority",
-            "agent", "ran_on", "queued_at", "started_at", "finished_at")
+    keys = ("id", "capability", "status", "attempts", "result", "error", "errors", "reason", "depends_on",
+            "priority", "agent", "ran_on", "queued_at", "started_at", "finished_at")
     return {k: task.get(k) for k in keys}
 
 
 def workflow_view(wf: dict, tasks: list[dict]) -> dict:
     return {
-        "workflow_id": wf["id"],
-        "name": wf.get("name"),
-        "status": wf["status"],
-        "created_at": wf["created_at"],
-        "updated_at": wf["updated_at"],
-        "finished_at": wf.get("finished_at"),
-        "parent": wf.get("parent"),
-        "error": wf.get("error"),
-        "result": wf.get("result"),
+        "workflow_id": wf["id"], "name": wf.get("name"), "status": wf["status"],
+        "created_at": wf["created_at"], "updated_at": wf["updated_at"], "finished_at": wf.get("finished_at"),
+        "parent": wf.get("parent"), "error": wf.get("error"), "result": wf.get("result"),
         "tasks": [task_view(t) for t in tasks],
     }
 
@@ -84,8 +105,7 @@ class WorkflowStore:
     def __init__(self, store: Store, settings: Settings):
         self.store = store
         self.ns = settings.namespace
-        self.default_timeout_s = settings.default_timeout_s
-        self.default_max_attempts = settings.default_max_attempts
+        self.settings = settings
         self.source = "workflows"
 
     # ---- keys and records -------------------------------------------------------------------------
@@ -114,41 +134,48 @@ class WorkflowStore:
         return [orjson.loads(v) for _, v in tr.get_range(*prefix_range(self.ns, "task", wf_id))]
 
     def _write_task(self, tr: Transaction, wf_id: str, task: dict) -> None:
-        tr.set(self._task_key(wf_id, task["id"]), _dumps(task))
+        tr.set(self._task_key(wf_id, task["id"]), orjson.dumps(task))
 
     def _write_wf(self, tr: Transaction, wf: dict, *, old_status: str | None = None) -> None:
         wf["updated_at"] = time.time()
         if old_status is not None and old_status != wf["status"]:
             tr.clear(self._status_key(old_status, wf["id"]))
             tr.set(self._status_key(wf["status"], wf["id"]), b"")
-        tr.set(self._wf_key(wf["id"]), _dumps(wf))
+        tr.set(self._wf_key(wf["id"]), orjson.dumps(wf))
 
     def _set_wf_status(self, tr: Transaction, wf: dict, status: str, **fields: Any) -> None:
         old = wf["status"]
         wf["status"] = status
         wf.update(fields)
-        if status in TERMINAL_WORKFLOW:
-            wf["finished_at"] = time.time()
+        wf["finished_at"] = time.time() if status in TERMINAL_WORKFLOW else None
         self._write_wf(tr, wf, old_status=old)
+
+    def _set_deadline(self, tr: Transaction, wf_id: str, task: dict) -> None:
+        deadline = task["started_at"] + task["timeout_s"] + self.settings.watchdog_grace_s
+        task["deadline"] = deadline
+        tr.set(pack(self.ns, "deadline", deadline, wf_id, task["id"]), orjson.dumps(task["attempts"]))
+
+    def _clear_deadline(self, tr: Transaction, wf_id: str, task: dict) -> None:
+        if task.get("deadline") is not None:
+            tr.clear(pack(self.ns, "deadline", task["deadline"], wf_id, task["id"]))
+            task["deadline"] = None
 
     # ---- intake -----------------------------------------------------------------------------------
     def _create(self, tr: Transaction, spec: WorkflowSpec, idempotency_key: str | None,
-                parent: dict | None, reply_to: str | None, correlation_id: str | None) -> tuple[str, bool]:
+                parent: dict | None, reply_to: str | None, correlation_id: str | None) -> str:
         digest = spec_digest(spec)
         if idempotency_key:
-            idem_key = pack(self.ns, "idem", idempotency_key)
-            raw = tr.get(idem_key)
+            raw = tr.get(pack(self.ns, "idem", idempotency_key))
             if raw is not None:
                 known = orjson.loads(raw)
                 if known["digest"] != digest:
                     raise IdempotencyConflict(
-                        f"Idempotency-Key {idempotency_key!r} was used with a different request body"
-                    )
+                        f"Idempotency-Key {idempotency_key!r} was used with a different request body")
                 if reply_to:  # a delegating agent that restarted waits on a new reply queue
                     wf = self._read_wf(tr, known["workflow_id"])
                     wf["reply_to"], wf["correlation_id"] = reply_to, correlation_id
                     self._write_wf(tr, wf)
-                return known["workflow_id"], False
+                return known["workflow_id"]
         wf_id = new_id()
         now = time.time()
         children: dict[str, list[str]] = {t.id: [] for t in spec.tasks}
@@ -159,41 +186,39 @@ class WorkflowStore:
             "id": wf_id, "name": spec.name, "status": "pending", "created_at": now, "updated_at": now,
             "task_ids": [t.id for t in spec.tasks], "remaining": len(spec.tasks), "parent": parent,
             "reply_to": reply_to, "correlation_id": correlation_id, "idempotency_key": idempotency_key,
+            "epoch": 0,
         }
-        tr.set(self._wf_key(wf_id), _dumps(wf))
+        tr.set(self._wf_key(wf_id), orjson.dumps(wf))
         tr.set(self._status_key("pending", wf_id), b"")
-        tr.set(pack(self.ns, "unscheduled", wf_id), _dumps(now))
+        tr.set(pack(self.ns, "unscheduled", wf_id), orjson.dumps(now))
+        default_retry = {"base_s": 0.5, "max_s": 30.0}
         for t in spec.tasks:
             task = t.model_dump(mode="json")
             task.update(
-                timeout_s=t.timeout_s or self.default_timeout_s,
-                max_attempts=t.max_attempts or self.default_max_attempts,
-                children=children[t.id], status="pending", attempts=0, result=None, error=None,
-                reason=None, errors=[], ran_on=None, queued_at=None, started_at=None, finished_at=None,
+                timeout_s=t.timeout_s or self.settings.default_timeout_s,
+                max_attempts=t.max_attempts or self.settings.default_max_attempts,
+                retry=task["retry"] or default_retry, children=children[t.id], status="pending", attempts=0,
+                result=None, error=None, reason=None, errors=[], ran_on=None, queued_at=None,
+                started_at=None, finished_at=None, deadline=None,
             )
             self._write_task(tr, wf_id, task)
         if idempotency_key:
-            tr.set(pack(self.ns, "idem", idempotency_key), _dumps({"workflow_id": wf_id, "digest": digest}))
-        return wf_id, True
+            tr.set(pack(self.ns, "idem", idempotency_key), orjson.dumps({"workflow_id": wf_id, "digest": digest}))
+        return wf_id
 
     async def create(self, specs: list[WorkflowSpec], idempotency_key: str | None = None) -> list[str]:
         """Stores workflows (all or none). With a key, the same key and body return the same workflow."""
 
         def txn(tr: Transaction) -> list[str]:
-            ids = []
-            for index, spec in enumerate(specs):
-                key = idempotency_key if len(specs) == 1 else (idempotency_key and f"{idempotency_key}#{index}")
-                ids.append(self._create(tr, spec, key, None, None, None)[0])
-            return ids
+            return [self._create(tr, spec, idempotency_key if len(specs) == 1 else
+                                 (idempotency_key and f"{idempotency_key}#{i}"), None, None, None)
+                    for i, spec in enumerate(specs)]
 
         return await self.store.transact(txn)
 
     async def create_child(self, spec: WorkflowSpec, idempotency_key: str, parent: dict, reply_to: str,
                            correlation_id: str) -> str:
-        def txn(tr: Transaction) -> str:
-            return self._create(tr, spec, idempotency_key, parent, reply_to, correlation_id)[0]
-
-        return await self.store.transact(txn)
+        return await self.store.transact(self._create, spec, idempotency_key, parent, reply_to, correlation_id)
 
     async def unscheduled(self, older_than_s: float, limit: int = 100) -> list[str]:
         """Workflows stored but not yet taken in by a coordinator (e.g. the api died before telling it)."""
@@ -228,59 +253,79 @@ class WorkflowStore:
                     graphs[wf_id] = {t["id"]: t["depends_on"] for t in tasks}
                 for task in tasks:
                     if not task["depends_on"] and task["status"] in ("pending", "queued"):
-                        out.dispatch.append(self._queue_task(tr, wf_id, task, {}))
+                        out.dispatch.append(self._queue_task(tr, wf, task, {}))
             return graphs, out
 
         return await self.store.transact(txn)
 
-    def _queue_task(self, tr: Transaction, wf_id: str, task: dict, inputs: dict) -> Envelope:
+    def _queue_task(self, tr: Transaction, wf: dict, task: dict, inputs: dict) -> Envelope:
         if task["status"] == "pending":
             task["status"] = "queued"
             task["queued_at"] = time.time()
-            self._write_task(tr, wf_id, task)
-        return self._task_message(wf_id, task, inputs, task["attempts"] + 1)
+            self._write_task(tr, wf["id"], task)
+        return self._task_message(wf, task, inputs, task["attempts"] + 1)
 
-    def _task_message(self, wf_id: str, task: dict, inputs: dict, attempt: int) -> Envelope:
+    def _task_message(self, wf: dict, task: dict, inputs: dict, attempt: int) -> Envelope:
         return Envelope(
             type=MessageType.TASK, source=self.source, target=task.get("agent") or task["capability"],
-            priority=Priority(task["priority"]), workflow_id=wf_id, task_id=task["id"], attempt=attempt,
+            priority=Priority(task["priority"]), workflow_id=wf["id"], task_id=task["id"], attempt=attempt,
             timeout_s=task["timeout_s"],
-            payload={"capability": task["capability"], "agent": task.get("agent"),
+            payload={"capability": task["capability"], "agent": task.get("agent"), "epoch": wf.get("epoch", 0),
                      "payload": task["payload"], "inputs": inputs},
         )
 
     def _inputs(self, tr: Transaction, wf_id: str, task: dict) -> dict:
         return {p: self._read_task(tr, wf_id, p)["result"] for p in task["depends_on"]}
 
-    async def release(self, wf_id: str, task_ids: list[str]) -> FollowUps:
-        """Tasks whose parents all succeeded (per the dependency engine): queue them with their inputs."""
+    async def release(self, wf_id: str, task_ids: list[str], *, resend_queued: bool = True) -> FollowUps:
+        """Tasks whose parents all succeeded (per the dependency engine): queue them with their inputs.
+        A task already queued is sent again (its first message may have died with a coordinator) unless
+        resend_queued is False."""
 
         def txn(tr: Transaction) -> FollowUps:
             out = FollowUps()
             raw = tr.get(self._wf_key(wf_id))
-            if raw is None or orjson.loads(raw)["status"] in TERMINAL_WORKFLOW:
+            if raw is None or (wf := orjson.loads(raw))["status"] in TERMINAL_WORKFLOW:
                 return out
+            wanted = ("pending", "queued") if resend_queued else ("pending",)
             for task_id in task_ids:
                 task = self._read_task(tr, wf_id, task_id)
-                if task["status"] in ("pending", "queued"):
-                    out.dispatch.append(self._queue_task(tr, wf_id, task, self._inputs(tr, wf_id, task)))
+                if task["status"] in wanted:
+                    out.dispatch.append(self._queue_task(tr, wf, task, self._inputs(tr, wf_id, task)))
             return out
 
         return await self.store.transact(txn)
 
+    def _ready(self, tr: Transaction, wf_id: str, tasks: list[dict]) -> list[str]:
+        status = {t["id"]: t["status"] for t in tasks}
+        return [t["id"] for t in tasks if t["status"] in ("pending", "queued")
+                and all(status[p] == "succeeded" for p in t["depends_on"])]
+
     async def ready_children(self, wf_id: str, task_id: str) -> list[str]:
-        """Children of a succeeded task whose parents all succeeded, computed from the store alone:
-        the check used when the dependency engine's answer may have been lost (a redelivery)."""
+        """Children of a succeeded task whose parents all succeeded, from the store alone: the check
+        used when the dependency engine's answer may have been lost (a redelivery)."""
 
         def txn(tr: Transaction) -> list[str]:
-            ready = []
-            for child_id in self._read_task(tr, wf_id, task_id)["children"]:
-                child = self._read_task(tr, wf_id, child_id)
-                if child["status"] in ("pending", "queued") and all(
-                    self._read_task(tr, wf_id, p)["status"] == "succeeded" for p in child["depends_on"]
-                ):
-                    ready.append(child_id)
-            return ready
+            children = set(self._read_task(tr, wf_id, task_id)["children"])
+            return [t for t in self._ready(tr, wf_id, self._tasks(tr, wf_id)) if t in children]
+
+        return await self.store.transact(txn)
+
+    async def graphs_to_rebuild(self, limit: int = 100_000) -> list[tuple[str, dict, list[str]]]:
+        """For every running workflow: task → parents, and its succeeded tasks, children first, the
+        order in which the dependency engine must be told again after it lost its data."""
+
+        def txn(tr: Transaction):
+            out = []
+            for key, _ in tr.get_range(*prefix_range(self.ns, "status", "running"), limit=limit):
+                wf_id = unpack(key)[-1]
+                tasks = self._tasks(tr, wf_id)
+                parents = {t["id"]: t["depends_on"] for t in tasks}
+                if any(parents.values()):
+                    order = _topological(parents)
+                    done = {t["id"] for t in tasks if t["status"] == "succeeded"}
+                    out.append((wf_id, parents, [t for t in reversed(order) if t in done]))
+            return out
 
         return await self.store.transact(txn)
 
@@ -296,7 +341,7 @@ class WorkflowStore:
 
         return await self.store.transact(txn)
 
-    def _apply(self, tr: Transaction, env: Envelope) -> FollowUps:
+    def _apply(self, tr: Transaction, env: Envelope, *, dead_letter_reason: str | None = None) -> FollowUps:
         out = FollowUps()
         wf_raw = tr.get(self._wf_key(env.workflow_id or ""))
         task_raw = tr.get(self._task_key(env.workflow_id or "", env.task_id or ""))
@@ -308,6 +353,7 @@ class WorkflowStore:
             if task["status"] in ("queued", "pending") and env.attempt > task["attempts"]:
                 task.update(status="running", attempts=env.attempt, started_at=now, reason=None,
                             ran_on=env.source)
+                self._set_deadline(tr, wf_id, task)
                 self._write_task(tr, wf_id, task)
             return out
         if task["status"] in TERMINAL_TASK or env.attempt < task["attempts"]:
@@ -319,17 +365,18 @@ class WorkflowStore:
                 if wf["status"] in TERMINAL_WORKFLOW:
                     out.replies += self._reply(wf)
             return out
+        self._clear_deadline(tr, wf_id, task)
         task["attempts"] = max(task["attempts"], env.attempt)
-        task["ran_on"] = env.source
         if env.type == MessageType.RESULT:
-            task.update(status="succeeded", result=env.payload.get("result"), finished_at=now, error=None)
+            task.update(status="succeeded", result=env.payload.get("result"), finished_at=now, error=None,
+                        reason=None, ran_on=env.source)
+            out.outcomes.append((task["capability"], env.source, True))
             self._write_task(tr, wf_id, task)
             out.coordinator += self._succeeded_events(wf_id, task)
             wf["remaining"] -= 1
             if wf["remaining"] <= 0 and wf["status"] not in TERMINAL_WORKFLOW:
-                leaves = self._tasks(tr, wf_id)
-                result = {t["id"]: t["result"] for t in leaves if not t["children"]}
-                self._set_wf_status(tr, wf, "succeeded", result=result)
+                result = {t["id"]: t["result"] for t in self._tasks(tr, wf_id) if not t["children"]}
+                self._set_wf_status(tr, wf, "succeeded", result=result, error=None)
                 out.replies += self._reply(wf)
             else:
                 self._write_wf(tr, wf)
@@ -339,17 +386,28 @@ class WorkflowStore:
         error["attempt"] = env.attempt
         if task["errors"] and task["errors"][-1].get("attempt") == env.attempt:
             if task["status"] == "queued":  # recorded already; the retry may not have been sent
-                out.dispatch.append(self._task_message(wf_id, task, self._inputs(tr, wf_id, task), env.attempt + 1))
+                out.delayed.append((self._task_message(wf, task, self._inputs(tr, wf_id, task), env.attempt + 1),
+                                    0.0))
             return out
         task["errors"] = (task["errors"] + [error])[-20:]
         task["error"] = error
-        if error.get("retryable", True) and env.attempt < task["max_attempts"]:
-            task.update(status="queued", queued_at=now)
+        if error.get("retryable", True) and not dead_letter_reason:
+            out.outcomes.append((task["capability"], task["ran_on"] or env.source, False))
+        if error.get("retryable", True) and env.attempt < task["max_attempts"] and not dead_letter_reason:
+            delay = backoff_s(task["retry"], env.attempt)
+            task.update(status="queued", queued_at=now,
+                        reason=f"retry {env.attempt + 1} of {task['max_attempts']} after {delay:.1f}s: "
+                               f"{error.get('type')}: {error.get('message', '')}"[:500])
             self._write_task(tr, wf_id, task)
-            out.dispatch.append(self._task_message(wf_id, task, self._inputs(tr, wf_id, task), env.attempt + 1))
+            out.delayed.append((self._task_message(wf, task, self._inputs(tr, wf_id, task), env.attempt + 1), delay))
             return out
         task.update(status="failed", finished_at=now)
         self._write_task(tr, wf_id, task)
+        reason = dead_letter_reason or (f"attempts exhausted ({task['attempts']} of {task['max_attempts']})"
+                                        if error.get("retryable", True) else "non-retryable error")
+        deadletters.put(tr, self.ns, deadletters.make_record(
+            reason=reason, queue="", envelope=self._task_message(wf, task, {}, task["attempts"]).model_dump(mode="json"),
+            attempts=task["attempts"], errors=task["errors"]))
         out.extend(self._fail_workflow(tr, wf, f"task {task['id']!r} failed: {error.get('message', '')}"))
         return out
 
@@ -367,11 +425,12 @@ class WorkflowStore:
         now = time.time()
         for task in self._tasks(tr, wf["id"]):
             if task["status"] not in TERMINAL_TASK:
+                self._clear_deadline(tr, wf["id"], task)
                 task.update(status="cancelled", finished_at=now, reason=f"workflow {status}")
                 self._write_task(tr, wf["id"], task)
         self._set_wf_status(tr, wf, status, error=error)
         out.control.append(Envelope(type=MessageType.CONTROL, subject="cancel", source=self.source,
-                                    workflow_id=wf["id"]))
+                                    workflow_id=wf["id"], payload={"epoch": wf.get("epoch", 0)}))
         out.replies += self._reply(wf)
         return out
 
@@ -382,6 +441,44 @@ class WorkflowStore:
                        workflow_id=wf["id"], correlation_id=wf.get("correlation_id"),
                        payload={"status": wf["status"], "result": wf.get("result"), "error": wf.get("error")})
         return [(env, wf["reply_to"])]
+
+    async def expire_overdue(self, limit: int = 500) -> FollowUps:
+        """The watchdog: a running attempt with no result by its timeout plus grace failed (its agent
+        hung or vanished); it is retried or fails like any other error."""
+
+        def txn(tr: Transaction) -> FollowUps:
+            out = FollowUps()
+            begin, _ = prefix_range(self.ns, "deadline")
+            for key, raw in tr.get_range(begin, pack(self.ns, "deadline", time.time()), limit=limit):
+                _, _, _, wf_id, task_id = unpack(key)
+                tr.clear(key)
+                overdue = Envelope(
+                    type=MessageType.ERROR, source="watchdog", workflow_id=wf_id, task_id=task_id,
+                    attempt=orjson.loads(raw),
+                    payload={"error": {"type": "DeadlineExceeded", "retryable": True,
+                                       "message": "no result within the task's timeout plus "
+                                                  f"{self.settings.watchdog_grace_s}s grace"}})
+                out.extend(self._apply(tr, overdue))
+            return out
+
+        return await self.store.transact(txn)
+
+    async def dead_letter_task(self, env: Envelope, reason: str) -> FollowUps:
+        """A task message the broker dead-lettered (no agent took it in time): it fails, with its reason."""
+        failure = Envelope(type=MessageType.ERROR, source="dlq-replayer", workflow_id=env.workflow_id,
+                           task_id=env.task_id, attempt=env.attempt,
+                           payload={"error": {"type": "Undeliverable", "message": reason, "retryable": False}})
+
+        def txn(tr: Transaction) -> FollowUps:
+            task_raw = tr.get(self._task_key(env.workflow_id or "", env.task_id or ""))
+            if task_raw is not None:
+                task = orjson.loads(task_raw)
+                if task["status"] == "queued" and task["attempts"] < env.attempt:
+                    task["attempts"] = env.attempt  # it never started: this attempt is the one that died
+                    self._write_task(tr, env.workflow_id, task)
+            return self._apply(tr, failure, dead_letter_reason=reason)
+
+        return await self.store.transact(txn)
 
     async def note_waiting(self, wf_id: str, task_id: str, reason: str) -> None:
         """Records why a queued task is not running yet (shown as its `reason`)."""
@@ -405,6 +502,54 @@ class WorkflowStore:
 
         return await self.store.transact(txn)
 
+    # ---- replay ----------------------------------------------------------------------------------
+    async def replay(self, dl_id: str) -> FollowUps:
+        """Replays a dead letter. A failed task gets a fresh set of attempts and its workflow resumes:
+        the tasks its failure cancelled wait again, and those whose parents all succeeded are queued.
+        Any other message is published again to the queue it came from."""
+
+        def txn(tr: Transaction) -> FollowUps:
+            out = FollowUps()
+            key = pack(self.ns, "dlq", dl_id)
+            raw = tr.get(key)
+            if raw is None:
+                raise NotFound(f"no dead letter {dl_id!r}")
+            record = orjson.loads(raw)
+            if record["status"] != "dead":
+                raise NotReplayable(f"dead letter {dl_id!r} was replayed already")
+            record.update(status="replayed", replayed_at=time.time())
+            tr.set(key, orjson.dumps(record))
+            envelope = record.get("envelope") or {}
+            if envelope.get("type") == MessageType.TASK.value and record.get("workflow_id"):
+                out.extend(self._resume(tr, record["workflow_id"], record["task_id"]))
+            elif record.get("queue"):
+                body = orjson.dumps(envelope) if envelope else _b64(record.get("body_base64"))
+                out.raw.append((body, record["queue"]))
+            else:
+                raise NotReplayable(f"dead letter {dl_id!r} names no queue to replay it to")
+            return out
+
+        return await self.store.transact(txn)
+
+    def _resume(self, tr: Transaction, wf_id: str, task_id: str) -> FollowUps:
+        wf = self._read_wf(tr, wf_id)
+        task = self._read_task(tr, wf_id, task_id)
+        if task["status"] != "failed":
+            raise NotReplayable(f"task {task_id!r} is {task['status']}, not failed")
+        wf["epoch"] = wf.get("epoch", 0) + 1  # agents drop messages of the cancelled epoch, not of this one
+        tasks = self._tasks(tr, wf_id)
+        for t in tasks:
+            if t["id"] == task_id or (t["status"] == "cancelled" and t["reason"] == "workflow failed"):
+                t.update(status="pending", attempts=0, finished_at=None, queued_at=None,
+                         reason="replayed" if t["id"] == task_id else None)
+                self._write_task(tr, wf_id, t)
+        self._set_wf_status(tr, wf, "running", error=None)
+        out = FollowUps()
+        for ready_id in self._ready(tr, wf_id, tasks):
+            ready = next(t for t in tasks if t["id"] == ready_id)
+            out.dispatch.append(self._queue_task(tr, wf, ready, self._inputs(tr, wf_id, ready)))
+        return out
+
     # ---- queries ---------------------------------------------------------------------------------
     async def get(self, wf_id: str) -> dict:
         def txn(tr: Transaction) -> dict:
@@ -427,8 +572,31 @@ class WorkflowStore:
                 if after:
                     end = self._wf_key(after)
                 wfs = [orjson.loads(v) for _, v in tr.get_range(begin, end, limit=limit, reverse=True)]
-            return [{k: wf.get(k) for k in ("id", "name", "status", "created_at", "updated_at", "finished_at",
-                                             "parent")} | {"workflow_id": wf["id"], "tasks": len(wf["task_ids"])}
+            keep = ("name", "status", "created_at", "updated_at", "finished_at", "parent")
+            return [{"workflow_id": wf["id"], "tasks": len(wf["task_ids"])} | {k: wf.get(k) for k in keep}
                     for wf in wfs]
 
         return await self.store.transact(txn)
+
+
+def _topological(parents: dict[str, list[str]]) -> list[str]:
+    order, seen = [], set()
+    for root in parents:
+        stack = [(root, iter(parents[root]))]
+        if root in seen:
+            continue
+        seen.add(root)
+        while stack:
+            node, it = stack[-1]
+            nxt = next((p for p in it if p not in seen), None)
+            if nxt is None:
+                order.append(node)
+                stack.pop()
+            else:
+                seen.add(nxt)
+                stack.append((nxt, iter(parents[nxt])))
+    return order
+
+
+def _b64(text: str | None) -> bytes:
+    return base64.b64decode(text or "")
