@@ -75,8 +75,14 @@ class Service:
     async def teardown(self) -> None:
         """Release what setup() made beyond consumers and background tasks, which stop() handles."""
 
-    async def consume(self, queues: str | list[str], handler, *, prefetch: int, raw: bool = False) -> Consumer:
-        consumer = await self.bus.consume(queues, handler, prefetch=prefetch, raw=raw)
+    async def consume(self, queues: str | list[str], handler, *, prefetch: int, **options) -> Consumer:
+        consumer = await self.bus.consume(queues, handler, prefetch=prefetch, **options)
+        self._consumers.append(consumer)
+        return consumer
+
+    async def subscribe_control(self, handler) -> Consumer:
+        """Every control broadcast (cancel, control.state, breaker) reaches this process's handler."""
+        consumer = await self.bus.consume_private(handler, bind_control=True)
         self._consumers.append(consumer)
         return consumer
 

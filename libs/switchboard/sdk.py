@@ -30,6 +30,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from switchboard import runtime, telemetry
+from switchboard.bus import Consumer
 from switchboard.protocol import Envelope, MessageType, WorkflowSpec, validate_workflow
 from switchboard.settings import Settings, get_settings
 
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 
 TaskHandler = Callable[["TaskContext"], Awaitable[Any]]
 _CANCELLED_MEMORY = 10_000  # workflow ids remembered as cancelled, oldest forgotten first
+_CONTROL_QUERY_S = 5.0  # how long a starting agent waits to learn whether an emergency stop is on
+# RabbitMQ closes a channel whose delivery stays unacked past its consumer timeout (30 min by default).
+# Agents ask to be exempt (RabbitMQ ≥ 3.12 honours this per consumer; older brokers need consumer_timeout
+# raised in rabbitmq.conf): the coordinator's watchdog, not the broker, decides when a task is overdue.
+_CONSUMER_TIMEOUT_MS = 8 * 24 * 3600 * 1000
 
 
 class TaskError(Exception):
@@ -94,9 +100,12 @@ class Agent(runtime.Service):
         self.handlers: dict[str, TaskHandler] = {}
         self.reply_queue = f"{self.settings.namespace}.reply.{name}.{uuid.uuid4().hex[:12]}"
         self._running: dict[tuple[str, str], asyncio.Task] = {}
-        self._cancelled: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._cancelled: collections.OrderedDict[str, int] = collections.OrderedDict()  # workflow → epoch
         self._replies: dict[str, asyncio.Future] = {}
         self._heartbeat: asyncio.Task | None = None
+        self._tasks: Consumer | None = None
+        self._stopped = False  # an emergency stop is on
+        self._standing_back_until = 0.0  # this agent's circuit breaker is open until then
         # Prefetch is per queue, so an agent serving several capabilities may hold a few more tasks
         # than it runs; this bounds what runs at once.
         self._slots = asyncio.Semaphore(self.concurrency)
@@ -119,11 +128,39 @@ class Agent(runtime.Service):
         for queue in queues:
             await self.bus.ensure_work_queue(queue)
         # Stopped in reverse: tasks drain first, while replies to their delegations can still arrive.
-        self._consumers.append(await self.bus.consume_private(self._on_control, bind_control=True))
+        await self.subscribe_control(self._on_control)
         self._consumers.append(await self.bus.consume_private(self._on_reply, name=self.reply_queue))
+        self._tasks = await self.consume(queues, self._on_task, prefetch=self.concurrency, paused=True,
+                                         arguments={"x-consumer-timeout": _CONSUMER_TIMEOUT_MS})
+        self._stopped = (await self._query_control()).get("stopped", False)
         await self._send_heartbeat("agent.heartbeat")
-        await self.consume(queues, self._on_task, prefetch=self.concurrency)
+        if not self._stopped:
+            await self._tasks.resume()
         self._heartbeat = self.every(self.settings.heartbeat_interval_s, self._beat, "heartbeat")
+
+    async def _query_control(self) -> dict:
+        """Asks a coordinator whether an emergency stop is on before taking any work."""
+        key = f"control:{uuid.uuid4().hex}"
+        future = asyncio.get_running_loop().create_future()
+        self._replies[key] = future
+        try:
+            ask = Envelope(type=MessageType.CONTROL, subject="control.query", source=self.name,
+                           reply_to=self.reply_queue, correlation_id=key)
+            await self.bus.publish(ask, self.bus.topology.coordinator)
+            return await asyncio.wait_for(future, _CONTROL_QUERY_S)
+        except TimeoutError:
+            log.warning("no coordinator answered within %ss; starting without knowing the controls", _CONTROL_QUERY_S)
+            return {}
+        finally:
+            self._replies.pop(key, None)
+
+    async def _sync_consuming(self) -> None:
+        if self._tasks is None:
+            return
+        if self._stopped or time.monotonic() < self._standing_back_until:
+            await self._tasks.pause()
+        else:
+            await self._tasks.resume()
 
     async def teardown(self) -> None:
         if self.bus.is_connected:
@@ -140,6 +177,7 @@ class Agent(runtime.Service):
         await self.bus.publish(env, self.bus.topology.registry)
 
     async def _beat(self) -> None:
+        await self._sync_consuming()  # ends a stand-back whose time is up
         await self._send_heartbeat("agent.heartbeat")
 
     # ---- tasks -------------------------------------------------------------------------------------
@@ -150,8 +188,8 @@ class Agent(runtime.Service):
             await self._run_task(env)
 
     async def _run_task(self, env: Envelope) -> None:
-        if env.workflow_id in self._cancelled:
-            return
+        if env.payload.get("epoch", 0) <= self._cancelled.get(env.workflow_id, -1):
+            return  # its workflow was cancelled (a replay starts a new epoch, which does run)
         capability = env.payload.get("capability", "")
         results = self.bus.topology.results
         started = Envelope(type=MessageType.STATUS, subject="started", source=self.name,
@@ -208,12 +246,19 @@ class Agent(runtime.Service):
     # ---- control and delegation ----------------------------------------------------------------------
     async def _on_control(self, env: Envelope, message: AbstractIncomingMessage) -> None:
         if env.subject == "cancel" and env.workflow_id:
-            self._cancelled[env.workflow_id] = None
+            self._cancelled[env.workflow_id] = env.payload.get("epoch", 0)
             while len(self._cancelled) > _CANCELLED_MEMORY:
                 self._cancelled.popitem(last=False)
             for (wf_id, _), run in list(self._running.items()):
                 if wf_id == env.workflow_id:
                     run.cancel()
+        elif env.subject == "control.state":
+            self._stopped = env.payload.get("stopped", False)
+            await self._sync_consuming()
+        elif env.subject == "breaker" and env.payload.get("agent") == self.name:
+            log.warning("circuit breaker open for this agent: taking no work for %ss", env.payload["retry_in_s"])
+            self._standing_back_until = time.monotonic() + float(env.payload["retry_in_s"])
+            await self._sync_consuming()
 
     async def _delegate(self, ctx: TaskContext, spec: WorkflowSpec, key: str) -> dict:
         future = asyncio.get_running_loop().create_future()

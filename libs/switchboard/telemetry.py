@@ -15,6 +15,7 @@ TASK_OUTCOMES = Counter("switchboard_task_outcomes_total", "Task results recorde
 TASKS_RUN = Counter("switchboard_agent_tasks_total", "Tasks an agent ran, by capability and outcome", ["capability", "outcome"])
 TASK_SECONDS = Histogram("switchboard_agent_task_seconds", "Handler run time", ["capability"])
 WORKFLOWS = Counter("switchboard_workflows_total", "Workflows by terminal status", ["status"])
+BREAKER_OPEN = Gauge("switchboard_breaker_open", "1 while a circuit breaker is open", ["breaker"])
 AGENTS = Gauge("switchboard_agents", "Registered agents by status", ["status"])
 
 
