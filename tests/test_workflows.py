@@ -65,9 +65,10 @@ async def test_random_dag_of_200_runs_each_task_once_after_its_parents(platform)
 async def test_a_task_that_exhausts_its_attempts_fails_the_workflow_and_cancels_the_rest(platform):
     await start_examples(platform)
     spec = {"tasks": [
-        {"id": "bad", "capability": "fail", "max_attempts": 2, "payload": {"message": "boom"}},
+        {"id": "bad", "capability": "fail", "max_attempts": 2, "payload": {"message": "boom"},
+         "retry": {"base_s": 0.01}},
         {"id": "after", "capability": "echo", "depends_on": ["bad"]},
-        {"id": "slow", "capability": "sleep", "payload": {"seconds": 0.2}},
+        {"id": "slow", "capability": "sleep", "payload": {"seconds": 60}},
         {"id": "late", "capability": "echo", "depends_on": ["slow"]},
     ]}
     view = await platform.wait(await platform.submit(spec))
@@ -77,7 +78,9 @@ async def test_a_task_that_exhausts_its_attempts_fails_the_workflow_and_cancels_
     assert tasks["bad"]["status"] == "failed" and tasks["bad"]["attempts"] == 2
     assert tasks["bad"]["error"]["message"] == "boom"
     assert tasks["after"]["status"] == "cancelled" and tasks["after"]["attempts"] == 0
+    assert tasks["slow"]["status"] == "cancelled"  # was running: its handler is cancelled too
     assert tasks["late"]["status"] == "cancelled"
+    assert [e["attempt"] for e in tasks["bad"]["errors"]] == [1, 2]
 
 
 async def test_a_non_retryable_error_fails_at_once(platform):

@@ -4,6 +4,7 @@ Statuses, results and errors are applied in batches, one store transaction a bat
 is a few commits a second rather than one a result. A message is acked only after its batch committed
 and the batch's follow-ups (dependency releases, retries, replies to delegating agents, cancels) were
 confirmed by the broker, so a crash at any point leads to redelivery, which the store recognises.
+Outcomes then feed the circuit breakers; an agent whose breaker opens is told to stand back.
 """
 
 from __future__ import annotations
@@ -11,19 +12,22 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import redis
 from aio_pika.exceptions import AMQPError
 
 from switchboard import telemetry
+from switchboard.breakers import Breakers
 from switchboard.bus import Transient
 from switchboard.protocol import Envelope, MessageType
 from switchboard.runtime import Service
 from switchboard.state import StoreUnavailable
-from switchboard.workflows import FollowUps, WorkflowStore
+from switchboard.workflows import WorkflowStore
 
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 256
 PREFETCH = 1024
+SUSPECT_REFRESH_S = 1.0
 _OUTCOMES = {MessageType.STATUS, MessageType.RESULT, MessageType.ERROR}
 
 
@@ -34,9 +38,13 @@ class Aggregator(Service):
 
     async def setup(self) -> None:
         self.workflows = WorkflowStore(self.store, self.settings)
+        self.breakers = Breakers(redis.Redis.from_url(self.settings.redis_url), self.settings)
+        # Breakers that may be counting failures: only for these is a success worth a Redis write.
+        self.suspect: set[str] = set()
         self.pending: list[tuple[Envelope, asyncio.Future]] = []
         self.wakeup = asyncio.Event()
         self.background(self._write_loop())
+        self.every(SUSPECT_REFRESH_S, self._refresh_suspects, "breaker refresh")
         await self.consume(self.bus.topology.results, self.handle, prefetch=PREFETCH)
 
     async def handle(self, env: Envelope, message) -> None:
@@ -53,33 +61,54 @@ class Aggregator(Service):
             self.wakeup.clear()
             while self.pending:
                 batch, self.pending = self.pending[:BATCH_MAX], self.pending[BATCH_MAX:]
-                await self._commit(batch)
+                outcomes = await self._commit(batch)
+                if outcomes:
+                    await self._feed_breakers(outcomes)
 
-    async def _commit(self, batch: list[tuple[Envelope, asyncio.Future]]) -> None:
+    async def _commit(self, batch: list[tuple[Envelope, asyncio.Future]]) -> list:
         try:
             out = await self.workflows.record([env for env, _ in batch])
-            await self._publish(out)
+            await out.publish(self.bus)
         except (StoreUnavailable, ConnectionError, AMQPError) as exc:
             for _, done in batch:
                 done.set_exception(Transient(str(exc)))
-            return
+            return []
         except Exception as exc:
-            if len(batch) > 1:  # find the one message that cannot be applied; the rest go through
-                for item in batch:
-                    await self._commit([item])
-                return
-            batch[0][1].set_exception(exc)
-            return
+            if len(batch) == 1:
+                batch[0][1].set_exception(exc)
+                return []
+            # Find the one message that cannot be applied; the rest go through.
+            return [o for item in batch for o in await self._commit([item])]
         for env, done in batch:
             done.set_result(None)
             if env.type != MessageType.STATUS:
                 telemetry.TASK_OUTCOMES.labels(env.type.value).inc()
+        return out.outcomes
 
-    async def _publish(self, out: FollowUps) -> None:
-        topology = self.bus.topology
-        messages = [(env, topology.coordinator) for env in out.coordinator]
-        messages += [(env, topology.dispatch) for env in out.dispatch]
-        messages += out.replies
-        await self.bus.publish_many(messages)
-        for env in out.control:
-            await self.bus.broadcast(env)
+    async def _feed_breakers(self, outcomes: list[tuple[str, str, bool]]) -> None:
+        feed = []
+        for capability, agent, ok in outcomes:
+            for name in (f"cap:{capability}", f"agent:{agent}"):
+                if not ok:
+                    self.suspect.add(name)
+                if not ok or name in self.suspect:
+                    feed.append((name, ok))
+        if not feed:
+            return
+        try:
+            states = await asyncio.to_thread(lambda: {name: self.breakers.record(name, ok) for name, ok in feed})
+        except redis.RedisError as exc:
+            log.warning("circuit breakers not updated: %s", exc)
+            return
+        for name, state in states.items():
+            telemetry.BREAKER_OPEN.labels(name).set(1 if state == "open" else 0)
+            if state == "open" and name.startswith("agent:"):
+                await self.bus.broadcast(Envelope(
+                    type=MessageType.CONTROL, subject="breaker", source=self.name,
+                    payload={"agent": name.removeprefix("agent:"), "state": state,
+                             "retry_in_s": self.settings.breaker_reset_s}))
+
+    async def _refresh_suspects(self) -> None:
+        if self.suspect:
+            snapshot = await asyncio.to_thread(self.breakers.snapshot, sorted(self.suspect))
+            self.suspect = {n for n, s in snapshot.items() if s["state"] != "closed" or s["failures"]}

@@ -15,7 +15,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from switchboard.protocol import Envelope, InvalidSpec, MessageType, Priority, WorkflowSpec, validate_workflow
-from switchboard.workflows import TERMINAL_WORKFLOW, IdempotencyConflict, NotFound
+from switchboard.control import message as control_message
+from switchboard.workflows import TERMINAL_WORKFLOW, IdempotencyConflict, NotFound, NotReplayable
 
 if TYPE_CHECKING:
     from services.api.service import Api
@@ -49,6 +50,24 @@ class TaskSubmission(BaseModel):
     max_attempts: int | None = None
     agent: str | None = None
     model_config = {"extra": "forbid"}
+
+
+class ReplayRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    capability: str | None = None
+    reason: str | None = Field(None, description="substring of the reason")
+    workflow_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = Field(1000, ge=1, le=10_000)
+    rate_per_s: float = Field(10.0, gt=0, le=100)
+
+
+class ControlRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    capability: str | None = Field(None, min_length=1, max_length=128)
 
 
 class WorkflowBatch(BaseModel):
@@ -165,18 +184,90 @@ def create_app(service: Api) -> FastAPI:
             view, out = await service.workflows.cancel(workflow_id)
         except NotFound as exc:
             raise ApiError(404, "workflow_not_found", str(exc)) from exc
-        for env in out.control:
-            await service.bus.broadcast(env)
-        await service.bus.publish_many(out.replies)
+        await out.publish(service.bus)
         return view
 
     @app.get("/v1/agents")
     async def list_agents():
-        return {"agents": await service.registry.agents()}
+        """Agents with their capabilities, health and circuit breakers; and each capability's breaker."""
+        agents = await service.registry.agents()
+        capabilities = sorted({c for a in agents for c in a["capabilities"]})
+        names = [f"agent:{a['name']}" for a in agents] + [f"cap:{c}" for c in capabilities]
+        breakers = await asyncio.to_thread(service.breakers.snapshot, names)
+        for agent in agents:
+            agent["breaker"] = breakers[f"agent:{agent['name']}"]
+        return {"agents": agents, "capabilities": {c: {"breaker": breakers[f"cap:{c}"]} for c in capabilities}}
 
     @app.get("/v1/dlq")
-    async def list_dead_letters(limit: Annotated[int, Query(ge=1, le=500)] = 100, after: str | None = None):
-        return {"dead_letters": await service.dead_letters.list(limit=limit, after=after)}
+    async def list_dead_letters(
+        capability: str | None = None, reason: str | None = None, workflow_id: str | None = None,
+        since: float | None = Query(None, description="unix time"), until: float | None = None,
+        status: Annotated[str | None, Query(pattern="^(dead|replayed)$")] = None,
+        limit: Annotated[int, Query(ge=1, le=500)] = 100, after: str | None = None,
+    ):
+        """Oldest first; filter by capability, reason (substring), workflow, time, status."""
+        items = await service.dead_letters.list(limit=limit, after=after, capability=capability, reason=reason,
+                                                workflow_id=workflow_id, since=since, until=until, status=status)
+        return {"dead_letters": items, "next": items[-1]["id"] if len(items) == limit else None}
+
+    @app.get("/v1/dlq/{dead_letter_id}")
+    async def get_dead_letter(dead_letter_id: str):
+        record = await service.dead_letters.get(dead_letter_id)
+        if record is None:
+            raise ApiError(404, "dead_letter_not_found", f"no dead letter {dead_letter_id!r}")
+        return record
+
+    @app.post("/v1/dlq/{dead_letter_id}/replay", dependencies=mutating)
+    async def replay_dead_letter(dead_letter_id: str):
+        try:
+            out = await service.workflows.replay(dead_letter_id)
+        except NotFound as exc:
+            raise ApiError(404, "dead_letter_not_found", str(exc)) from exc
+        except NotReplayable as exc:
+            raise ApiError(409, "not_replayable", str(exc)) from exc
+        await out.publish(service.bus)
+        return await service.dead_letters.get(dead_letter_id)
+
+    @app.post("/v1/dlq/replay", status_code=202, dependencies=mutating)
+    async def replay_dead_letters(request: ReplayRequest):
+        """Replays every matching dead letter, at most rate_per_s a second, in the dlq-replayer."""
+        filters = request.model_dump(exclude={"rate_per_s", "limit"}, exclude_none=True)
+        matched = await service.dead_letters.list(limit=request.limit, status="dead", **filters)
+        ask = Envelope(type=MessageType.CONTROL, subject="dlq.replay", source="api",
+                       payload={"ids": [r["id"] for r in matched], "rate_per_s": request.rate_per_s})
+        await service.bus.publish(ask, service.bus.topology.replay)
+        return {"matched": len(matched), "rate_per_s": request.rate_per_s}
+
+    @app.delete("/v1/dlq/{dead_letter_id}", status_code=204, dependencies=mutating)
+    async def delete_dead_letter(dead_letter_id: str):
+        if not await service.dead_letters.delete(dead_letter_id):
+            raise ApiError(404, "dead_letter_not_found", f"no dead letter {dead_letter_id!r}")
+        return Response(status_code=204)
+
+    @app.get("/v1/control")
+    async def get_control():
+        return await service.controls.get()
+
+    async def control(action: str, capability: str | None) -> dict:
+        state = await service.controls.change(action, capability)
+        await service.bus.broadcast(control_message(state, "api"))
+        return state
+
+    @app.post("/v1/control/stop-all", dependencies=mutating)
+    async def stop_all():
+        """The emergency stop: no task is dispatched and agents take no new work; in-flight work finishes
+        (or, if its agent stops, is requeued). Undo with resume."""
+        return await control("stop-all", None)
+
+    @app.post("/v1/control/pause", dependencies=mutating)
+    async def pause(request: ControlRequest | None = None):
+        """Pause dispatching of one capability, or of everything: tasks wait, queued, until resumed."""
+        return await control("pause", request.capability if request else None)
+
+    @app.post("/v1/control/resume", dependencies=mutating)
+    async def resume(request: ControlRequest | None = None):
+        """Resume one capability, or everything (this also lifts stop-all)."""
+        return await control("resume", request.capability if request else None)
 
     @app.get("/healthz")
     async def healthz():

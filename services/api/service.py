@@ -8,6 +8,10 @@ import contextlib
 import uvicorn
 
 from services.api.app import create_app
+import redis
+
+from switchboard.breakers import Breakers
+from switchboard.control import Controls
 from switchboard.registry import RegistryClient
 from switchboard.runtime import Service
 from switchboard.deadletters import DeadLetters
@@ -35,6 +39,8 @@ class Api(Service):
         self.workflows = WorkflowStore(self.store, self.settings)
         self.registry = RegistryClient(self.redis, self.settings)
         self.dead_letters = DeadLetters(self.store, self.settings)
+        self.controls = Controls(self.store, self.settings.namespace)
+        self.breakers = Breakers(redis.Redis.from_url(self.settings.redis_url), self.settings)
         self.app = create_app(self)
         config = uvicorn.Config(self.app, host=self.settings.api_host, port=self.port, lifespan="off",
                                 log_config=None, access_log=False)

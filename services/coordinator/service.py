@@ -1,19 +1,26 @@
-"""Workflow intake and dependency resolution.
+"""Workflow intake, dependency resolution, and the timeout watchdog.
 
 Takes in workflows (stored by the api, or submitted by a delegating agent), registers their
 dependencies with RQ and queues the tasks that wait on nothing. When the aggregator reports a task
 succeeded, RQ says which dependents are now ready, and they are queued with their parents' results.
-A sweep takes in workflows that were stored but never announced (the api died in between).
+
+RQ's data is derived: if Redis loses it (a sentinel key disappears, or RQ no longer knows a job), the
+coordinator rebuilds it from the state store. A sweep takes in workflows that were stored but never
+announced (the api died in between); the watchdog fails attempts whose agent hung or vanished.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 
 import redis
+from rq.exceptions import NoSuchJobError
 
 from switchboard.bus import Transient
+from switchboard.control import Controls
+from switchboard.control import message as control_message
 from switchboard.deps import DependencyGraph
 from switchboard.protocol import Envelope, InvalidSpec, WorkflowSpec, validate_workflow
 from switchboard.runtime import Service
@@ -22,6 +29,8 @@ from switchboard.workflows import FollowUps, WorkflowStore
 log = logging.getLogger(__name__)
 
 INTAKE_SWEEP_S = 5.0
+WATCHDOG_S = 1.0
+REDIS_CHECK_S = 1.0
 
 
 class Coordinator(Service):
@@ -31,9 +40,16 @@ class Coordinator(Service):
 
     async def setup(self) -> None:
         self.workflows = WorkflowStore(self.store, self.settings)
-        self.graph = DependencyGraph(redis.Redis.from_url(self.settings.redis_url), self.settings.namespace)
+        self.controls = Controls(self.store, self.settings.namespace)
+        self.redis_sync = redis.Redis.from_url(self.settings.redis_url)
+        self.graph = DependencyGraph(self.redis_sync, self.settings.namespace)
+        self.sentinel = f"{self.settings.namespace}:deps:sentinel"
+        self.rebuilding = asyncio.Lock()
+        await self._check_redis()
         await self.consume(self.bus.topology.coordinator, self.handle, prefetch=64)
         self.every(INTAKE_SWEEP_S, self._sweep_intake, "intake sweep")
+        self.every(WATCHDOG_S, self._watchdog, "timeout watchdog")
+        self.every(REDIS_CHECK_S, self._check_redis, "redis check")
 
     async def handle(self, env: Envelope, message) -> None:
         if env.subject == "workflow.submitted":
@@ -42,6 +58,10 @@ class Coordinator(Service):
             await self._submit_child(env)
         elif env.subject == "task.succeeded":
             await self._release(env.workflow_id, env.task_id, check_store=message.redelivered)
+        elif env.subject == "control.query" and env.reply_to:
+            reply = control_message(await self.controls.get(), self.name)
+            reply.correlation_id = env.correlation_id
+            await self.bus.publish(reply, env.reply_to)
         else:
             raise ValueError(f"coordinator does not handle subject {env.subject!r}")
 
@@ -50,7 +70,7 @@ class Coordinator(Service):
         # Before any root is published, so no parent can finish before its dependents are registered.
         for wf_id, parents in graphs.items():
             await self._redis(self.graph.register, wf_id, parents)
-        await self._publish(out)
+        await out.publish(self.bus)
 
     async def _submit_child(self, env: Envelope) -> None:
         spec = WorkflowSpec.model_validate(env.payload["workflow"])
@@ -65,16 +85,18 @@ class Coordinator(Service):
         await self.take_in([wf_id])
 
     async def _release(self, wf_id: str, task_id: str, *, check_store: bool) -> None:
-        ready = await self._redis(self.graph.release, wf_id, task_id)
+        try:
+            ready = await self._redis(self.graph.release, wf_id, task_id)
+        except NoSuchJobError:
+            # Redis lost RQ's data: the store knows what is ready; the rebuild restores the rest.
+            log.warning("dependency data of workflow %s is gone from Redis; rebuilding", wf_id)
+            asyncio.create_task(self._rebuild())
+            ready, check_store = [], True
         if check_store:
             # A redelivery: RQ may have handed out the children before we died. The store knows.
             ready = sorted(set(ready) | set(await self.workflows.ready_children(wf_id, task_id)))
         if ready:
-            await self._publish(await self.workflows.release(wf_id, ready))
-
-    async def _publish(self, out: FollowUps) -> None:
-        topology = self.bus.topology
-        await self.bus.publish_many([(env, topology.dispatch) for env in out.dispatch] + out.replies)
+            await (await self.workflows.release(wf_id, ready)).publish(self.bus)
 
     async def _redis(self, fn, *args):
         try:
@@ -87,3 +109,34 @@ class Coordinator(Service):
         if wf_ids:
             log.info("taking in %d workflows that were never announced", len(wf_ids))
             await self.take_in(wf_ids)
+
+    async def _watchdog(self) -> None:
+        out = await self.workflows.expire_overdue()
+        if out.dispatch or out.delayed or out.control:
+            log.warning("watchdog: %d attempts overdue", len(out.outcomes))
+        await out.publish(self.bus)
+
+    async def _check_redis(self) -> None:
+        if await self._redis(self.redis_sync.set, self.sentinel, uuid.uuid4().hex, None, None, True):
+            # SET NX succeeded: the sentinel was missing, so Redis is new or lost its data.
+            await self._rebuild()
+
+    async def _rebuild(self) -> None:
+        """Registers every running workflow's dependencies again and re-releases what succeeded,
+        children first, so exactly the dependents whose parents all succeeded come out."""
+        if self.rebuilding.locked():
+            return
+        async with self.rebuilding:
+            graphs = await self.workflows.graphs_to_rebuild()
+            released = 0
+            for wf_id, parents, succeeded in graphs:
+                await self._redis(self.graph.register, wf_id, parents)
+                ready = []
+                for task_id in succeeded:
+                    ready += await self._redis(self.graph.release, wf_id, task_id)
+                out: FollowUps = await self.workflows.release(wf_id, ready, resend_queued=False)
+                released += len(out.dispatch)
+                await out.publish(self.bus)
+            if graphs:
+                log.warning("rebuilt dependencies of %d running workflows from the store (%d tasks released)",
+                            len(graphs), released)
