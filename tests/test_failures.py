@@ -130,9 +130,13 @@ async def test_replay_by_filter(platform):
     switch.failing = False
     response = await platform.client.post("/v1/dlq/replay", json={"capability": "bulk", "rate_per_s": 50})
     assert response.status_code == 202 and response.json()["matched"] == 3
+
+    async def all_replayed() -> bool:
+        return len((await get(platform, "/v1/dlq", status="replayed"))["dead_letters"]) == 3
+
+    await wait_for(all_replayed, what="the replayer to replay all three")
     for wf in wfs:
         assert (await platform.wait(wf))["status"] == "succeeded"
-    assert (await get(platform, "/v1/dlq", status="replayed"))["dead_letters"].__len__() == 3
 
 
 async def test_a_task_no_agent_takes_in_time_is_dead_lettered(amqp_url, redis_url, tmp_path):
