@@ -41,6 +41,7 @@ class Aggregator(Service):
         self.breakers = Breakers(redis.Redis.from_url(self.settings.redis_url), self.settings)
         # Breakers that may be counting failures: only for these is a success worth a Redis write.
         self.suspect: set[str] = set()
+        self.announced_open: set[str] = set()  # agents told to stand back, until their breaker closes
         self.pending: list[tuple[Envelope, asyncio.Future]] = []
         self.wakeup = asyncio.Event()
         self.background(self._write_loop())
@@ -102,7 +103,10 @@ class Aggregator(Service):
             return
         for name, state in states.items():
             telemetry.BREAKER_OPEN.labels(name).set(1 if state == "open" else 0)
-            if state == "open" and name.startswith("agent:"):
+            if state != "open":
+                self.announced_open.discard(name)
+            elif name.startswith("agent:") and name not in self.announced_open:
+                self.announced_open.add(name)
                 await self.bus.broadcast(Envelope(
                     type=MessageType.CONTROL, subject="breaker", source=self.name,
                     payload={"agent": name.removeprefix("agent:"), "state": state,
