@@ -49,14 +49,16 @@ class Breakers:
                 fail_max=self.fail_max, reset_timeout=self.reset_s, state_storage=storage, name=name)
         return self._breakers[name]
 
-    def record(self, name: str, ok: bool) -> str:
-        """Feeds one outcome; returns the breaker's state after it."""
+    def record(self, name: str, ok: bool) -> tuple[str, float | None]:
+        """Feeds one outcome; returns the breaker's state after it and, if open, when it opened."""
         breaker = self.breaker(name)
         try:
             breaker.call(_succeed if ok else _fail)
         except (_Failed, pybreaker.CircuitBreakerError):
             pass
-        return breaker.current_state
+        state = breaker.current_state
+        opened_at = breaker._state_storage.opened_at if state == "open" else None
+        return state, opened_at.timestamp() if opened_at else None
 
     def snapshot(self, names: list[str]) -> dict[str, dict]:
         """State, consecutive failures and seconds until a probe, for each name, in one round trip."""

@@ -41,7 +41,7 @@ class Aggregator(Service):
         self.breakers = Breakers(redis.Redis.from_url(self.settings.redis_url), self.settings)
         # Breakers that may be counting failures: only for these is a success worth a Redis write.
         self.suspect: set[str] = set()
-        self.announced_open: set[str] = set()  # agents told to stand back, until their breaker closes
+        self.announced: dict[str, float | None] = {}  # agent breaker → the opening it was told about
         self.pending: list[tuple[Envelope, asyncio.Future]] = []
         self.wakeup = asyncio.Event()
         self.background(self._write_loop())
@@ -101,12 +101,11 @@ class Aggregator(Service):
         except redis.RedisError as exc:
             log.warning("circuit breakers not updated: %s", exc)
             return
-        for name, state in states.items():
+        for name, (state, opened_at) in states.items():
             telemetry.BREAKER_OPEN.labels(name).set(1 if state == "open" else 0)
-            if state != "open":
-                self.announced_open.discard(name)
-            elif name.startswith("agent:") and name not in self.announced_open:
-                self.announced_open.add(name)
+            # Each opening (a failed probe re-opens it) is announced once, so the agent stands back again.
+            if state == "open" and name.startswith("agent:") and self.announced.get(name) != opened_at:
+                self.announced[name] = opened_at
                 await self.bus.broadcast(Envelope(
                     type=MessageType.CONTROL, subject="breaker", source=self.name,
                     payload={"agent": name.removeprefix("agent:"), "state": state,
