@@ -45,6 +45,7 @@ class Coordinator(Service):
         self.graph = DependencyGraph(self.redis_sync, self.settings.namespace)
         self.sentinel = f"{self.settings.namespace}:deps:sentinel"
         self.rebuilding = asyncio.Lock()
+        self.rebuild_task: asyncio.Task | None = None
         await self._check_redis()
         await self.consume(self.bus.topology.coordinator, self.handle, prefetch=64)
         self.every(INTAKE_SWEEP_S, self._sweep_intake, "intake sweep")
@@ -90,7 +91,8 @@ class Coordinator(Service):
         except NoSuchJobError:
             # Redis lost RQ's data: the store knows what is ready; the rebuild restores the rest.
             log.warning("dependency data of workflow %s is gone from Redis; rebuilding", wf_id)
-            asyncio.create_task(self._rebuild())
+            if self.rebuild_task is None or self.rebuild_task.done():
+                self.rebuild_task = asyncio.create_task(self._rebuild())
             ready, check_store = [], True
         if check_store:
             # A redelivery: RQ may have handed out the children before we died. The store knows.
