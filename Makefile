@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run demo test bench clean
+.PHONY: install run demo test bench chaos clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: install
 
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The long chaos scenarios (kill every service, an agent, restart RabbitMQ and Redis); prints recovery times.
+chaos: install
+	$(BIN)/python -m tests.chaos.run_chaos $(CHAOS_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
