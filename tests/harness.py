@@ -121,7 +121,7 @@ async def cleanup(settings: Settings, queues: set[str]) -> None:
     connection = await aio_pika.connect(settings.amqp_url)
     try:
         for name in queues | {topology.dispatch, topology.coordinator, topology.results, topology.registry,
-                              topology.dlq}:
+                              topology.dlq, topology.replay}:
             channel = await connection.channel()
             try:
                 await channel.queue_delete(name)

@@ -470,3 +470,11 @@ def test_open_store_fdb_is_lazy():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "ok\n"
+
+
+async def test_read_transactions_see_committed_state(store):
+    key = pack(f"read-{uuid.uuid4().hex}", "k")
+    await store.transact(lambda tr: tr.set(key, b"v1"))
+    assert await store.read(lambda tr: tr.get(key)) == b"v1"
+    await store.transact(lambda tr: tr.set(key, b"v2"))
+    assert await store.read(lambda tr: tr.get_range(key, key + b"\x00")) == [(key, b"v2")]

@@ -28,6 +28,7 @@ Handler = Callable[[Envelope, AbstractIncomingMessage], Awaitable[None]]
 REASON_HEADER = "x-switchboard-reason"
 QUEUE_HEADER = "x-switchboard-queue"
 _TRANSIENT_PAUSE_S = 0.5
+_PUBLISH_WINDOW = 256
 
 
 class Transient(Exception):
@@ -216,9 +217,11 @@ class Bus:
         await self._channel.default_exchange.publish(message, routing_key=routing_key)
 
     async def publish_many(self, messages: list[tuple[Envelope, str]]) -> None:
-        """Publishes concurrently, so a batch waits for one round of confirms rather than one per message."""
-        if messages:
-            await asyncio.gather(*(self.publish(env, key) for env, key in messages))
+        """Publishes concurrently, so a batch waits for a few rounds of confirms rather than one per
+        message; at most _PUBLISH_WINDOW at a time, which bounds the memory a large batch takes."""
+        for start in range(0, len(messages), _PUBLISH_WINDOW):
+            window = messages[start:start + _PUBLISH_WINDOW]
+            await asyncio.gather(*(self.publish(env, key) for env, key in window))
 
     async def broadcast(self, envelope: Envelope) -> None:
         await self.publish(envelope, "", exchange=self.topology.control)

@@ -37,7 +37,7 @@ class Controls:
         return {**DEFAULT, **orjson.loads(raw)} if raw else dict(DEFAULT)
 
     async def get(self) -> dict:
-        return await self.store.transact(self._read)
+        return await self.store.read(self._read)
 
     async def change(self, action: str, capability: str | None = None) -> dict:
         """action: stop-all, pause or resume (capability None means every capability)."""

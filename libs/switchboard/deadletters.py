@@ -86,14 +86,14 @@ class DeadLetters:
                         break
             return out
 
-        return await self.store.transact(txn)
+        return await self.store.read(txn)
 
     async def get(self, dl_id: str) -> dict | None:
         def txn(tr: Transaction):
             raw = tr.get(pack(self.ns, "dlq", dl_id))
             return orjson.loads(raw) if raw else None
 
-        return await self.store.transact(txn)
+        return await self.store.read(txn)
 
     async def delete(self, dl_id: str) -> bool:
         def txn(tr: Transaction) -> bool:

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 TaskHandler = Callable[["TaskContext"], Awaitable[Any]]
 _CANCELLED_MEMORY = 10_000  # workflow ids remembered as cancelled, oldest forgotten first
+STARTED_AFTER_S = 0.02
 _CONTROL_QUERY_S = 5.0  # how long a starting agent waits to learn whether an emergency stop is on
 # RabbitMQ closes a channel whose delivery stays unacked past its consumer timeout (30 min by default).
 # Agents ask to be exempt (RabbitMQ ≥ 3.12 honours this per consumer; older brokers need consumer_timeout
@@ -192,12 +193,9 @@ class Agent(runtime.Service):
             return  # its workflow was cancelled (a replay starts a new epoch, which does run)
         capability = env.payload.get("capability", "")
         results = self.bus.topology.results
-        started = Envelope(type=MessageType.STATUS, subject="started", source=self.name,
-                           workflow_id=env.workflow_id, task_id=env.task_id, attempt=env.attempt)
-        await self.bus.publish(started, results)
         handler = self.handlers.get(capability)
         key = (env.workflow_id, env.task_id)
-        began = time.perf_counter()
+        began, started_at = time.perf_counter(), time.time()
         outcome = "succeeded"
         if handler is None:
             reply = self._error(env, "UnknownCapability", f"agent {self.name} does not serve {capability!r}", False)
@@ -205,6 +203,7 @@ class Agent(runtime.Service):
         else:
             run = asyncio.create_task(handler(TaskContext(self, env)))
             self._running[key] = run
+            announcing = asyncio.create_task(self._announce_start(env, run, started_at))
             try:
                 async with asyncio.timeout(env.timeout_s):
                     result = await run
@@ -223,9 +222,25 @@ class Agent(runtime.Service):
                 reply, outcome = self._error(env, type(exc).__name__, str(exc), True), "failed"
             finally:
                 self._running.pop(key, None)
+                if not getattr(announcing, "publishing", False):
+                    announcing.cancel()
+                await asyncio.gather(announcing, return_exceptions=True)  # "started" goes out first
         telemetry.TASKS_RUN.labels(capability, outcome).inc()
         telemetry.TASK_SECONDS.labels(capability).observe(time.perf_counter() - began)
+        reply.payload["started_at"] = started_at
         await self.bus.publish(reply, results)
+
+    async def _announce_start(self, env: Envelope, run: asyncio.Task, started_at: float) -> None:
+        """Reports "running" for a task still going after STARTED_AFTER_S (which also starts the
+        watchdog's clock); a quicker task just carries started_at in its result: one message fewer."""
+        await asyncio.sleep(STARTED_AFTER_S)
+        if run.done():
+            return
+        asyncio.current_task().publishing = True
+        started = Envelope(type=MessageType.STATUS, subject="started", source=self.name,
+                           workflow_id=env.workflow_id, task_id=env.task_id, attempt=env.attempt,
+                           payload={"started_at": started_at})
+        await self.bus.publish(started, self.bus.topology.results)
 
     def _result(self, env: Envelope, result: Any) -> Envelope:
         try:

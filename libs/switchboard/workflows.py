@@ -228,17 +228,21 @@ class WorkflowStore:
             rows = tr.get_range(*prefix_range(self.ns, "unscheduled"), limit=limit)
             return [unpack(k)[-1] for k, v in rows if orjson.loads(v) <= cutoff]
 
-        return await self.store.transact(txn)
+        return await self.store.read(txn)
 
-    async def start(self, wf_ids: list[str]) -> tuple[dict[str, dict[str, list[str]]], FollowUps]:
+    async def start(self, wf_ids: list[str], *, redelivered: bool = False
+                    ) -> tuple[dict[str, dict[str, list[str]]], FollowUps]:
         """Intake: queue the tasks that wait on nothing. Returns, for each workflow with dependencies,
         task id → parent ids, which the caller registers with the dependency engine before it publishes
-        the follow-ups. Replaying it re-sends roots still queued."""
+        the follow-ups, and then calls taken_in(). Until then the workflow stays "unscheduled", so an
+        intake that died half-way is redone by the sweep; roots already queued are sent again only then,
+        or when the announcement itself was redelivered, never merely because it arrived late."""
 
         def txn(tr: Transaction):
             out, graphs = FollowUps(), {}
             for wf_id in wf_ids:
-                tr.clear(pack(self.ns, "unscheduled", wf_id))
+                if tr.get(pack(self.ns, "unscheduled", wf_id)) is None and not redelivered:
+                    continue  # taken in already (by the sweep, or by another coordinator)
                 raw = tr.get(self._wf_key(wf_id))
                 if raw is None:
                     continue
@@ -257,6 +261,13 @@ class WorkflowStore:
             return graphs, out
 
         return await self.store.transact(txn)
+
+    async def taken_in(self, wf_ids: list[str]) -> None:
+        def txn(tr: Transaction) -> None:
+            for wf_id in wf_ids:
+                tr.clear(pack(self.ns, "unscheduled", wf_id))
+
+        await self.store.transact(txn)
 
     def _queue_task(self, tr: Transaction, wf: dict, task: dict, inputs: dict) -> Envelope:
         if task["status"] == "pending":
@@ -309,7 +320,7 @@ class WorkflowStore:
             children = set(self._read_task(tr, wf_id, task_id)["children"])
             return [t for t in self._ready(tr, wf_id, self._tasks(tr, wf_id)) if t in children]
 
-        return await self.store.transact(txn)
+        return await self.store.read(txn)
 
     async def graphs_to_rebuild(self, limit: int = 100_000) -> list[tuple[str, dict, list[str]]]:
         """For every running workflow: task → parents, and its succeeded tasks, children first, the
@@ -327,7 +338,7 @@ class WorkflowStore:
                     out.append((wf_id, parents, [t for t in reversed(order) if t in done]))
             return out
 
-        return await self.store.transact(txn)
+        return await self.store.read(txn)
 
     # ---- outcomes -------------------------------------------------------------------------------
     async def record(self, messages: list[Envelope]) -> FollowUps:
@@ -349,9 +360,10 @@ class WorkflowStore:
             return out
         wf, task = orjson.loads(wf_raw), orjson.loads(task_raw)
         wf_id, now = wf["id"], time.time()
+        started_at = env.payload.get("started_at") or now
         if env.type == MessageType.STATUS:
             if task["status"] in ("queued", "pending") and env.attempt > task["attempts"]:
-                task.update(status="running", attempts=env.attempt, started_at=now, reason=None,
+                task.update(status="running", attempts=env.attempt, started_at=started_at, reason=None,
                             ran_on=env.source)
                 self._set_deadline(tr, wf_id, task)
                 self._write_task(tr, wf_id, task)
@@ -366,7 +378,8 @@ class WorkflowStore:
                     out.replies += self._reply(wf)
             return out
         self._clear_deadline(tr, wf_id, task)
-        task["attempts"] = max(task["attempts"], env.attempt)
+        if env.attempt > task["attempts"]:  # it finished before it ever reported running
+            task.update(attempts=env.attempt, started_at=started_at)
         if env.type == MessageType.RESULT:
             task.update(status="succeeded", result=env.payload.get("result"), finished_at=now, error=None,
                         reason=None, ran_on=env.source)
@@ -555,7 +568,7 @@ class WorkflowStore:
         def txn(tr: Transaction) -> dict:
             return workflow_view(self._read_wf(tr, wf_id), self._tasks(tr, wf_id))
 
-        return await self.store.transact(txn)
+        return await self.store.read(txn)
 
     async def list(self, status: str | None, limit: int, after: str | None) -> list[dict]:
         """Newest first; `after` is the last workflow id of the previous page."""
@@ -576,7 +589,7 @@ class WorkflowStore:
             return [{"workflow_id": wf["id"], "tasks": len(wf["task_ids"])} | {k: wf.get(k) for k in keep}
                     for wf in wfs]
 
-        return await self.store.transact(txn)
+        return await self.store.read(txn)
 
 
 def _topological(parents: dict[str, list[str]]) -> list[str]:

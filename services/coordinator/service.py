@@ -54,7 +54,7 @@ class Coordinator(Service):
 
     async def handle(self, env: Envelope, message) -> None:
         if env.subject == "workflow.submitted":
-            await self.take_in(env.payload["workflow_ids"])
+            await self.take_in(env.payload["workflow_ids"], redelivered=message.redelivered)
         elif env.subject == "workflow.submit":
             await self._submit_child(env)
         elif env.subject == "task.succeeded":
@@ -66,12 +66,13 @@ class Coordinator(Service):
         else:
             raise ValueError(f"coordinator does not handle subject {env.subject!r}")
 
-    async def take_in(self, wf_ids: list[str]) -> None:
-        graphs, out = await self.workflows.start(wf_ids)
+    async def take_in(self, wf_ids: list[str], *, redelivered: bool = False) -> None:
+        graphs, out = await self.workflows.start(wf_ids, redelivered=redelivered)
         # Before any root is published, so no parent can finish before its dependents are registered.
         for wf_id, parents in graphs.items():
             await self._redis(self.graph.register, wf_id, parents)
         await out.publish(self.bus)
+        await self.workflows.taken_in(wf_ids)
 
     async def _submit_child(self, env: Envelope) -> None:
         spec = WorkflowSpec.model_validate(env.payload["workflow"])
@@ -83,7 +84,7 @@ class Coordinator(Service):
         wf_id = await self.workflows.create_child(
             spec, env.payload["idempotency_key"], env.payload.get("parent"), env.reply_to, env.correlation_id
         )
-        await self.take_in([wf_id])
+        await self.take_in([wf_id], redelivered=True)  # a known child may be re-asked for: answer again
 
     async def _release(self, wf_id: str, task_id: str, *, check_store: bool) -> None:
         try:

@@ -107,7 +107,7 @@ class Dispatcher(Service):
         self.live_capabilities = await self.registry.live_capabilities()
         self.live_agents = await self.registry.live_agents()
         ns = self.settings.namespace
-        rows = await self.store.transact(lambda tr: tr.get_range(*prefix_range(ns, "parked")))
+        rows = await self.store.read(lambda tr: tr.get_range(*prefix_range(ns, "parked")))
         self.parked |= {unpack(k)[-1] for k, _ in rows}
         self.control = await self.controls.get()  # a control broadcast missed while disconnected
         names = [f"cap:{c}" for c in self.live_capabilities | self.parked] + [f"agent:{a}" for a in self.live_agents]

@@ -57,6 +57,11 @@ class Store(abc.ABC):
         self, fn: Callable[Concatenate[Transaction, P], T], /, *args: P.args, **kwargs: P.kwargs
     ) -> T: ...
 
+    async def read(self, fn: Callable[Concatenate[Transaction, P], T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+        """A transaction that only reads: a consistent snapshot that never holds up writers.
+        `fn` must not write. Backends without a cheaper path run it as a normal transaction."""
+        return await self.transact(fn, *args, **kwargs)
+
     @abc.abstractmethod
     async def close(self) -> None: ...
 

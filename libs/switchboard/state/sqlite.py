@@ -87,12 +87,12 @@ class SqliteStore(Store):
                 _backoff(attempt)
         raise StoreUnavailable(f"sqlite store busy after {_MAX_TRIES} tries to open: {last}")
 
-    def _run(self, fn, args, kwargs):
+    def _run(self, fn, args, kwargs, begin="BEGIN IMMEDIATE"):
         db = self._connection()
         last: Exception | None = None
         for attempt in range(_MAX_TRIES):
             try:
-                db.execute("BEGIN IMMEDIATE")
+                db.execute(begin)
             except sqlite3.OperationalError as exc:  # another process holds the write lock past `timeout`
                 last = exc
                 _backoff(attempt)
@@ -110,6 +110,12 @@ class SqliteStore(Store):
     async def transact(self, fn, /, *args, **kwargs):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, fn, args, kwargs)
+
+    async def read(self, fn, /, *args, **kwargs):
+        # A deferred transaction that only reads takes no write lock: in WAL mode it reads a snapshot
+        # while other processes commit.
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._run, fn, args, kwargs, "BEGIN DEFERRED")
 
     def _close(self) -> None:
         db = getattr(self._local, "db", None)
