@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from switchboard import telemetry
 from switchboard.bus import Bus, Consumer
+from switchboard.routing import REFRESH_S, Routes
 from switchboard.settings import Settings
 from switchboard.state import Store, open_store
 
@@ -85,6 +86,19 @@ class Service:
         consumer = await self.bus.consume_private(handler, bind_control=True)
         self._consumers.append(consumer)
         return consumer
+
+    async def follow_routes(self) -> Routes:
+        """Routing knowledge kept fresh for this service (see switchboard.routing); needs the store and Redis."""
+        routes = Routes(self.store, self.redis, self.settings)
+        await routes.refresh()
+
+        async def on_control(env, message) -> None:
+            if env.subject == "control.state":
+                routes.on_control(env.payload)
+
+        await self.subscribe_control(on_control)
+        self.every(REFRESH_S, routes.refresh, "routing refresh")
+        return routes
 
     def background(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)

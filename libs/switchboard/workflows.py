@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from switchboard import deadletters
+from switchboard import deadletters, telemetry
 from switchboard.protocol import Envelope, MessageType, Priority, WorkflowSpec, new_id
 from switchboard.settings import Settings
 from switchboard.state import Store, Transaction, pack, prefix_range, unpack
 
 if TYPE_CHECKING:
     from switchboard.bus import Bus
+    from switchboard.routing import Routes
 
 TERMINAL_TASK = {"succeeded", "failed", "cancelled"}
 TERMINAL_WORKFLOW = {"succeeded", "failed", "cancelled"}
@@ -65,10 +66,20 @@ class FollowUps:
         for name in self.__dataclass_fields__:
             getattr(self, name).extend(getattr(other, name))
 
-    async def publish(self, bus: Bus) -> None:
+    async def publish(self, bus: Bus, routes: Routes | None = None) -> None:
+        """With routes, a ready task whose capability can take it now skips the dispatcher."""
         topology = bus.topology
-        await bus.publish_many([(env, topology.dispatch) for env in self.dispatch]
-                               + [(env, topology.coordinator) for env in self.coordinator] + self.replies)
+        ready = []
+        for env in self.dispatch:
+            capability = routes.direct(env) if routes else None
+            if capability is None:
+                ready.append((env, topology.dispatch))
+            else:
+                queue = topology.capability_queue(capability)
+                await bus.ensure_work_queue(queue)
+                ready.append((env, queue))
+                telemetry.TASKS_DISPATCHED.labels("direct").inc()
+        await bus.publish_many(ready + [(env, topology.coordinator) for env in self.coordinator] + self.replies)
         for env, delay_s in self.delayed:
             await bus.publish_delayed(env, topology.dispatch, delay_s)
         for body, queue in self.raw:

@@ -35,9 +35,11 @@ class Aggregator(Service):
     name = "aggregator"
     default_port = 8104
     uses_store = True
+    uses_redis = True
 
     async def setup(self) -> None:
         self.workflows = WorkflowStore(self.store, self.settings)
+        self.routes = await self.follow_routes()
         self.breakers = Breakers(redis.Redis.from_url(self.settings.redis_url), self.settings)
         # Breakers that may be counting failures: only for these is a success worth a Redis write.
         self.suspect: set[str] = set()
@@ -69,7 +71,7 @@ class Aggregator(Service):
     async def _commit(self, batch: list[tuple[Envelope, asyncio.Future]]) -> list:
         try:
             out = await self.workflows.record([env for env, _ in batch])
-            await out.publish(self.bus)
+            await out.publish(self.bus, self.routes)
         except (StoreUnavailable, ConnectionError, AMQPError) as exc:
             for _, done in batch:
                 done.set_exception(Transient(str(exc)))

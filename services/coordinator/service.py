@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 from rq.exceptions import NoSuchJobError
@@ -37,20 +38,28 @@ class Coordinator(Service):
     name = "coordinator"
     default_port = 8101
     uses_store = True
+    uses_redis = True
 
     async def setup(self) -> None:
         self.workflows = WorkflowStore(self.store, self.settings)
+        self.routes = await self.follow_routes()
         self.controls = Controls(self.store, self.settings.namespace)
         self.redis_sync = redis.Redis.from_url(self.settings.redis_url)
         self.graph = DependencyGraph(self.redis_sync, self.settings.namespace)
         self.sentinel = f"{self.settings.namespace}:deps:sentinel"
         self.rebuilding = asyncio.Lock()
         self.rebuild_task: asyncio.Task | None = None
+        # One thread for RQ: releases of siblings that share a child would otherwise contend on RQ's
+        # optimistic locks (WATCH) and retry; in one thread they run back to back instead.
+        self.rq_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rq")
         await self._check_redis()
         await self.consume(self.bus.topology.coordinator, self.handle, prefetch=64)
         self.every(INTAKE_SWEEP_S, self._sweep_intake, "intake sweep")
         self.every(WATCHDOG_S, self._watchdog, "timeout watchdog")
         self.every(REDIS_CHECK_S, self._check_redis, "redis check")
+
+    async def teardown(self) -> None:
+        self.rq_thread.shutdown(wait=False, cancel_futures=True)
 
     async def handle(self, env: Envelope, message) -> None:
         if env.subject == "workflow.submitted":
@@ -71,7 +80,7 @@ class Coordinator(Service):
         # Before any root is published, so no parent can finish before its dependents are registered.
         for wf_id, parents in graphs.items():
             await self._redis(self.graph.register, wf_id, parents)
-        await out.publish(self.bus)
+        await out.publish(self.bus, self.routes)
         await self.workflows.taken_in(wf_ids)
 
     async def _submit_child(self, env: Envelope) -> None:
@@ -99,11 +108,11 @@ class Coordinator(Service):
             # A redelivery: RQ may have handed out the children before we died. The store knows.
             ready = sorted(set(ready) | set(await self.workflows.ready_children(wf_id, task_id)))
         if ready:
-            await (await self.workflows.release(wf_id, ready)).publish(self.bus)
+            await (await self.workflows.release(wf_id, ready)).publish(self.bus, self.routes)
 
     async def _redis(self, fn, *args):
         try:
-            return await asyncio.to_thread(fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self.rq_thread, fn, *args)
         except redis.RedisError as exc:
             raise Transient(f"redis: {exc}") from exc
 

@@ -11,25 +11,18 @@ consuming the dispatch queue itself: work stays there, in order, until resumed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
-import redis
-
 from switchboard import telemetry
-from switchboard.breakers import Breakers, allows
 from switchboard.bus import Consumer
-from switchboard.control import Controls, dispatch_blocked
 from switchboard.protocol import Envelope, MessageType
-from switchboard.registry import RegistryClient
+from switchboard.routing import REFRESH_S, Routes
 from switchboard.runtime import Service
 from switchboard.state import pack, prefix_range, unpack
 from switchboard.workflows import WorkflowStore
 
 log = logging.getLogger(__name__)
-
-REFRESH_S = 0.5
 
 
 class Dispatcher(Service):
@@ -39,14 +32,8 @@ class Dispatcher(Service):
     uses_redis = True
 
     async def setup(self) -> None:
-        self.registry = RegistryClient(self.redis, self.settings)
         self.workflows = WorkflowStore(self.store, self.settings)
-        self.controls = Controls(self.store, self.settings.namespace)
-        self.breakers = Breakers(redis.Redis.from_url(self.settings.redis_url), self.settings)
-        self.control = await self.controls.get()
-        self.live_capabilities: set[str] = set()
-        self.live_agents: set[str] = set()
-        self.breaker_states: dict[str, dict] = {}
+        self.routes = Routes(self.store, self.redis, self.settings)
         self.parked: set[str] = set()  # capabilities whose hold or paused queue may hold tasks
         self.drainers: dict[str, Consumer] = {}
         self.dispatch_consumer = await self.consume(self.bus.topology.dispatch, self.route, prefetch=256,
@@ -61,25 +48,19 @@ class Dispatcher(Service):
             await consumer.stop()
         self.drainers.clear()
 
-    def _blocked(self, capability: str) -> str | None:
-        reason = dispatch_blocked(self.control, capability)
-        if reason is None and not allows(self.breaker_states.get(f"cap:{capability}")):
-            reason = f"circuit breaker open for capability {capability!r}"
-        return reason
-
     async def route(self, env: Envelope, message=None) -> None:
         if env.type != MessageType.TASK or not env.workflow_id or not env.task_id:
             raise ValueError(f"not a task message: type={env.type.value} subject={env.subject!r}")
         topology = self.bus.topology
         agent = env.payload.get("agent")
         capability = env.payload.get("capability") or env.target
-        reason = self._blocked(capability)
+        reason = self.routes.blocked(capability)
         if reason:
             queue, route = topology.paused_queue(capability), "paused"
         elif agent:
             queue, route = topology.agent_queue(agent), "agent"
-            reason = None if agent in self.live_agents else f"waiting for agent {agent!r}"
-        elif capability in self.live_capabilities:
+            reason = None if agent in self.routes.live_agents else f"waiting for agent {agent!r}"
+        elif capability in self.routes.live_capabilities:
             queue, route = topology.capability_queue(capability), "capability"
         else:
             queue, route = topology.hold_queue(capability), "held"
@@ -100,33 +81,29 @@ class Dispatcher(Service):
 
     async def _on_control(self, env: Envelope, message) -> None:
         if env.subject == "control.state":
-            self.control = env.payload
+            self.routes.on_control(env.payload)
             await self._apply()
 
     async def _refresh(self) -> None:
-        self.live_capabilities = await self.registry.live_capabilities()
-        self.live_agents = await self.registry.live_agents()
         ns = self.settings.namespace
         rows = await self.store.read(lambda tr: tr.get_range(*prefix_range(ns, "parked")))
         self.parked |= {unpack(k)[-1] for k, _ in rows}
-        self.control = await self.controls.get()  # a control broadcast missed while disconnected
-        names = [f"cap:{c}" for c in self.live_capabilities | self.parked] + [f"agent:{a}" for a in self.live_agents]
-        self.breaker_states = await asyncio.to_thread(self.breakers.snapshot, names)
+        await self.routes.refresh(self.parked)
         await self._apply()
         self.refreshed_at = time.monotonic()
 
     async def _apply(self) -> None:
         """Consume what may flow now, stop consuming what may not."""
-        if self.control["stopped"] or self.control["paused"]:
+        if self.routes.control["stopped"] or self.routes.control["paused"]:
             await self.dispatch_consumer.pause()
         else:
             await self.dispatch_consumer.resume()
         topology = self.bus.topology
         wanted = set()
         for capability in self.parked:
-            if not self._blocked(capability):
+            if not self.routes.blocked(capability):
                 wanted.add(topology.paused_queue(capability))
-                if capability in self.live_capabilities:
+                if capability in self.routes.live_capabilities:
                     wanted.add(topology.hold_queue(capability))
         for queue in set(self.drainers) - wanted:
             await self.drainers.pop(queue).stop()
