@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from switchboard import telemetry
@@ -33,6 +34,12 @@ _PUBLISH_WINDOW = 256
 
 class Transient(Exception):
     """Processing failed for a reason that will pass (a dependency is down): requeue the message."""
+
+
+# What passes by itself: our own Transient, a busy store, and a broker connection or channel that is
+# down or not yet restored after a reconnect (aiormq raises ChannelInvalidStateError, a RuntimeError).
+TRANSIENT = (Transient, StoreUnavailable, aio_pika.exceptions.AMQPError, aiormq.exceptions.AMQPError,
+             aiormq.exceptions.ChannelInvalidStateError, ConnectionError)
 
 
 class Consumer:
@@ -89,17 +96,16 @@ class Consumer:
             return
         try:
             await self._handler(envelope, message)
-        except (Transient, StoreUnavailable, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-            log.warning("requeueing message from %s: %s", queue, exc)
-            await asyncio.sleep(_TRANSIENT_PAUSE_S)
-            if not message.processed:
-                await message.nack(requeue=True)
-            telemetry.MESSAGES.labels(queue, "requeued").inc()
+        except TRANSIENT as exc:
+            await self._requeue(queue, message, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("dead-lettering message from %s", queue)
-            await self._bus.dead_letter(message, f"{type(exc).__name__}: {_first_line(exc)}", queue)
+            try:
+                await self._bus.dead_letter(message, f"{type(exc).__name__}: {_first_line(exc)}", queue)
+            except TRANSIENT as down:  # cannot dead-letter now: try the whole message again later
+                return await self._requeue(queue, message, down)
             if not message.processed:
                 await message.ack()
             telemetry.MESSAGES.labels(queue, "dead_lettered").inc()
@@ -108,15 +114,22 @@ class Consumer:
                 await message.ack()
             telemetry.MESSAGES.labels(queue, "ok").inc()
 
+    async def _requeue(self, queue: str, message: AbstractIncomingMessage, exc: BaseException) -> None:
+        log.warning("requeueing message from %s: %s", queue, exc)
+        await asyncio.sleep(_TRANSIENT_PAUSE_S)
+        try:
+            if not message.processed:
+                await message.nack(requeue=True)
+        except TRANSIENT:
+            pass  # the channel is gone, and with it the delivery: the broker requeues it by itself
+        telemetry.MESSAGES.labels(queue, "requeued").inc()
+
     async def _process_raw(self, queue: str, message: AbstractIncomingMessage) -> None:
         # Dead letters themselves: nowhere further to dead-letter them, so a failure is logged and dropped.
         try:
             await self._handler(message)
-        except (Transient, StoreUnavailable, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-            log.warning("requeueing message from %s: %s", queue, exc)
-            await asyncio.sleep(_TRANSIENT_PAUSE_S)
-            await message.nack(requeue=True)
-            telemetry.MESSAGES.labels(queue, "requeued").inc()
+        except TRANSIENT as exc:
+            await self._requeue(queue, message, exc)
         except Exception:
             log.exception("dropping message from %s that cannot be processed", queue)
             await message.reject()
@@ -248,7 +261,9 @@ class Bus:
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         names = [queues] if isinstance(queues, str) else queues
-        amqp_queues = [await channel.get_queue(name, ensure=False) for name in names]
+        # Declared (passively) rather than looked up: a robust channel restores the consumers of the queues
+        # it declared, and only those, after the broker restarts.
+        amqp_queues = [await channel.declare_queue(name, passive=True) for name in names]
         consumer = Consumer(self, channel, amqp_queues, handler, raw, arguments)
         if not paused:
             await consumer.start()
