@@ -133,7 +133,10 @@ class DependencyGraph:
                     with self.redis.pipeline(transaction=False) as read:  # one round trip, not one per job
                         for job in jobs:
                             read.hget(job.key, "status")
-                        statuses = [as_text(s) if s else None for s in read.execute()]
+                            read.hexists(job.key, "data")
+                        raw = read.execute()
+                        # A hash without "data" is a fragment (a write that straddled a Redis restart): missing.
+                        statuses = [as_text(s) if s and has else None for s, has in zip(raw[0::2], raw[1::2])]
                     tx.multi()
                     for job, status in zip(jobs, statuses):
                         if status is None:

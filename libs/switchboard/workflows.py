@@ -333,21 +333,27 @@ class WorkflowStore:
 
         return await self.store.read(txn)
 
-    async def graphs_to_rebuild(self, limit: int = 100_000) -> list[tuple[str, dict, list[str]]]:
-        """For every running workflow: task → parents, and its succeeded tasks, children first, the
-        order in which the dependency engine must be told again after it lost its data."""
+    async def graphs_to_rebuild(self, limit: int = 100_000) -> list[tuple[str, dict]]:
+        """For every running workflow with dependencies: task → parents."""
 
         def txn(tr: Transaction):
             out = []
             for key, _ in tr.get_range(*prefix_range(self.ns, "status", "running"), limit=limit):
                 wf_id = unpack(key)[-1]
-                tasks = self._tasks(tr, wf_id)
-                parents = {t["id"]: t["depends_on"] for t in tasks}
+                parents = {t["id"]: t["depends_on"] for t in self._tasks(tr, wf_id)}
                 if any(parents.values()):
-                    order = _topological(parents)
-                    done = {t["id"] for t in tasks if t["status"] == "succeeded"}
-                    out.append((wf_id, parents, [t for t in reversed(order) if t in done]))
+                    out.append((wf_id, parents))
             return out
+
+        return await self.store.read(txn)
+
+    async def succeeded_children_first(self, wf_id: str, parents: dict[str, list[str]]) -> list[str]:
+        """The workflow's succeeded tasks, children first: the order in which the dependency engine
+        must hear of them again after it lost its data."""
+
+        def txn(tr: Transaction) -> list[str]:
+            done = {t["id"] for t in self._tasks(tr, wf_id) if t["status"] == "succeeded"}
+            return [t for t in reversed(_topological(parents)) if t in done]
 
         return await self.store.read(txn)
 

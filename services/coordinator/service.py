@@ -49,6 +49,7 @@ class Coordinator(Service):
         self.sentinel = f"{self.settings.namespace}:deps:sentinel"
         self.rebuilding = asyncio.Lock()
         self.rebuild_task: asyncio.Task | None = None
+        self.rebuild_again = False
         # One thread for RQ: releases of siblings that share a child would otherwise contend on RQ's
         # optimistic locks (WATCH) and retry; in one thread they run back to back instead.
         self.rq_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rq")
@@ -101,6 +102,7 @@ class Coordinator(Service):
         except NoSuchJobError:
             # Redis lost RQ's data: the store knows what is ready; the rebuild restores the rest.
             log.warning("dependency data of workflow %s is gone from Redis; rebuilding", wf_id)
+            self.rebuild_again = True  # a rebuild under way may have read the store before this success
             if self.rebuild_task is None or self.rebuild_task.done():
                 self.rebuild_task = asyncio.create_task(self._rebuild())
             ready, check_store = [], True
@@ -135,20 +137,34 @@ class Coordinator(Service):
 
     async def _rebuild(self) -> None:
         """Registers every running workflow's dependencies again and re-releases what succeeded,
-        children first, so exactly the dependents whose parents all succeeded come out."""
+        children first, so exactly the dependents whose parents all succeeded come out. What succeeded
+        is read after registering, so a success recorded meanwhile is not missed."""
         if self.rebuilding.locked():
+            self.rebuild_again = True
             return
         async with self.rebuilding:
-            graphs = await self.workflows.graphs_to_rebuild()
-            released = 0
-            for wf_id, parents, succeeded in graphs:
-                await self._redis(self.graph.register, wf_id, parents)
-                ready = []
-                for task_id in succeeded:
-                    ready += await self._redis(self.graph.release, wf_id, task_id)
-                out: FollowUps = await self.workflows.release(wf_id, ready, resend_queued=False)
-                released += len(out.dispatch)
-                await out.publish(self.bus)
-            if graphs:
-                log.warning("rebuilt dependencies of %d running workflows from the store (%d tasks released)",
-                            len(graphs), released)
+            self.rebuild_again = True
+            while self.rebuild_again:
+                self.rebuild_again = False
+                graphs = await self.workflows.graphs_to_rebuild()
+                released = 0
+                for wf_id, parents in graphs:
+                    try:
+                        released += await self._rebuild_one(wf_id, parents)
+                    except Exception as exc:  # one broken workflow must not stop the others
+                        log.warning("rebuild of workflow %s failed (%s); will retry", wf_id, exc)
+                        self.rebuild_again = True
+                if graphs:
+                    log.warning("rebuilt dependencies of %d running workflows from the store (%d tasks released)",
+                                len(graphs), released)
+                if self.rebuild_again:
+                    await asyncio.sleep(REDIS_CHECK_S)  # pacing while Redis is still coming back
+
+    async def _rebuild_one(self, wf_id: str, parents: dict[str, list[str]]) -> int:
+        await self._redis(self.graph.register, wf_id, parents)
+        ready = []
+        for task_id in await self.workflows.succeeded_children_first(wf_id, parents):
+            ready += await self._redis(self.graph.release, wf_id, task_id)
+        out: FollowUps = await self.workflows.release(wf_id, ready, resend_queued=False)
+        await out.publish(self.bus, self.routes)
+        return len(out.dispatch)
