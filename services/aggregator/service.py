@@ -13,14 +13,12 @@ import asyncio
 import logging
 
 import redis
-from aio_pika.exceptions import AMQPError
 
 from switchboard import telemetry
 from switchboard.breakers import Breakers
-from switchboard.bus import Transient
+from switchboard.bus import TRANSIENT, Transient
 from switchboard.protocol import Envelope, MessageType
 from switchboard.runtime import Service
-from switchboard.state import StoreUnavailable
 from switchboard.workflows import WorkflowStore
 
 log = logging.getLogger(__name__)
@@ -64,26 +62,35 @@ class Aggregator(Service):
             self.wakeup.clear()
             while self.pending:
                 batch, self.pending = self.pending[:BATCH_MAX], self.pending[BATCH_MAX:]
-                outcomes = await self._commit(batch)
-                if outcomes:
-                    await self._feed_breakers(outcomes)
+                try:
+                    outcomes = await self._commit(batch)
+                    if outcomes:
+                        await self._feed_breakers(outcomes)
+                except Exception:  # the loop must outlive any batch: waiting handlers depend on it
+                    log.exception("aggregator batch failed; its messages will be redelivered")
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(Transient("aggregator batch failed"))
 
     async def _commit(self, batch: list[tuple[Envelope, asyncio.Future]]) -> list:
         try:
             out = await self.workflows.record([env for env, _ in batch])
             await out.publish(self.bus, self.routes)
-        except (StoreUnavailable, ConnectionError, AMQPError) as exc:
+        except TRANSIENT as exc:
             for _, done in batch:
-                done.set_exception(Transient(str(exc)))
+                if not done.done():  # a handler cancelled while draining no longer waits
+                    done.set_exception(Transient(str(exc)))
             return []
         except Exception as exc:
             if len(batch) == 1:
-                batch[0][1].set_exception(exc)
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(exc)
                 return []
             # Find the one message that cannot be applied; the rest go through.
             return [o for item in batch for o in await self._commit([item])]
         for env, done in batch:
-            done.set_result(None)
+            if not done.done():
+                done.set_result(None)
             if env.type != MessageType.STATUS:
                 telemetry.TASK_OUTCOMES.labels(env.type.value).inc()
         return out.outcomes

@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
+
 from switchboard import telemetry
+from switchboard.bus import Transient
 from switchboard.protocol import Envelope
 from switchboard.registry import RegistryClient
 from switchboard.runtime import Service
@@ -28,6 +31,12 @@ class Registry(Service):
         self.every(SWEEP_S, self._sweep, "registry sweep")
 
     async def handle(self, env: Envelope, message) -> None:
+        try:
+            await self._handle(env)
+        except redis.RedisError as exc:  # Redis restarting: the heartbeat is requeued, not dead-lettered
+            raise Transient(f"redis: {exc}") from exc
+
+    async def _handle(self, env: Envelope) -> None:
         if env.subject == "agent.heartbeat":
             info = {k: env.payload[k] for k in ("name", "capabilities")} | {
                 k: env.payload.get(k) for k in ("concurrency", "in_flight", "host", "pid")}
