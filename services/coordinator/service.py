@@ -97,6 +97,7 @@ class Coordinator(Service):
         await self.take_in([wf_id], redelivered=True)  # a known child may be re-asked for: answer again
 
     async def _release(self, wf_id: str, task_id: str, *, check_store: bool) -> None:
+        resend_queued = check_store  # a redelivery: children we queued may never have been published
         try:
             ready = await self._redis(self.graph.release, wf_id, task_id)
         except NoSuchJobError:
@@ -107,10 +108,11 @@ class Coordinator(Service):
                 self.rebuild_task = asyncio.create_task(self._rebuild())
             ready, check_store = [], True
         if check_store:
-            # A redelivery: RQ may have handed out the children before we died. The store knows.
+            # RQ may have handed out the children before we died, or lost them. The store knows.
             ready = sorted(set(ready) | set(await self.workflows.ready_children(wf_id, task_id)))
         if ready:
-            await (await self.workflows.release(wf_id, ready)).publish(self.bus, self.routes)
+            out = await self.workflows.release(wf_id, ready, resend_queued=resend_queued)
+            await out.publish(self.bus, self.routes)
 
     async def _redis(self, fn, *args):
         try:
