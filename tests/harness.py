@@ -115,30 +115,32 @@ class Platform:
         await cleanup(self.settings, self._queues)
 
 
-async def cleanup(settings: Settings, queues: set[str]) -> None:
+async def cleanup(settings: Settings, queues: set[str], *, broker: bool = True, redis: bool = True) -> None:
     """Deletes the namespace's queues, exchanges and Redis keys from the shared servers."""
     topology = Topology(settings.namespace)
-    connection = await aio_pika.connect(settings.amqp_url)
-    try:
-        for name in queues | {topology.dispatch, topology.coordinator, topology.results, topology.registry,
-                              topology.dlq, topology.replay}:
-            channel = await connection.channel()
-            try:
-                await channel.queue_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                pass
-        for name in (topology.dlx, topology.control, topology.events):
-            channel = await connection.channel()
-            try:
-                await channel.exchange_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                pass
-    finally:
-        await connection.close()
-    client = aioredis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"*{settings.namespace}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    if broker:
+        connection = await aio_pika.connect(settings.amqp_url)
+        try:
+            for name in queues | {topology.dispatch, topology.coordinator, topology.results, topology.registry,
+                                  topology.dlq, topology.replay}:
+                channel = await connection.channel()
+                try:
+                    await channel.queue_delete(name)
+                except aio_pika.exceptions.AMQPError:
+                    pass
+            for name in (topology.dlx, topology.control, topology.events):
+                channel = await connection.channel()
+                try:
+                    await channel.exchange_delete(name)
+                except aio_pika.exceptions.AMQPError:
+                    pass
+        finally:
+            await connection.close()
+    if redis:
+        client = aioredis.from_url(settings.redis_url)
+        try:
+            keys = [k async for k in client.scan_iter(match=f"*{settings.namespace}*", count=1000)]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()

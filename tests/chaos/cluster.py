@@ -26,12 +26,11 @@ from pathlib import Path
 import aio_pika
 import httpx
 import orjson
-import redis.asyncio as aioredis
 
 from switchboard.protocol import TaskSpec
 from switchboard.settings import Settings
 from switchboard.topology import Topology
-from tests.harness import ALL_SERVICES, free_port
+from tests.harness import ALL_SERVICES, cleanup, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPABILITY = "work"
@@ -322,37 +321,11 @@ class Cluster:
         """Deletes the namespace's queues, exchanges and keys from the shared broker and Redis (a private
         server goes away with its data)."""
         t = self.topology
-        queues = {t.dispatch, t.coordinator, t.results, t.registry, t.dlq, t.replay}
+        queues = set()
         for spec in self.agent_specs.values():
             queues |= {t.capability_queue(spec.capability), t.hold_queue(spec.capability),
                        t.paused_queue(spec.capability), t.agent_queue(spec.name)}
-        connection = None
-        try:
-            if broker:
-                connection = await aio_pika.connect(self.settings.amqp_url)
-                for name in queues:
-                    channel = await connection.channel()
-                    try:
-                        await channel.queue_delete(name)
-                    except aio_pika.exceptions.AMQPError:
-                        pass
-                for name in (t.dlx, t.control, t.events):
-                    channel = await connection.channel()
-                    try:
-                        await channel.exchange_delete(name)
-                    except aio_pika.exceptions.AMQPError:
-                        pass
-            if redis:
-                client = aioredis.from_url(self.settings.redis_url)
-                try:
-                    keys = [k async for k in client.scan_iter(match=f"*{self.settings.namespace}*", count=1000)]
-                    if keys:
-                        await client.delete(*keys)
-                finally:
-                    await client.aclose()
-        finally:
-            if connection is not None:
-                await connection.close()
+        await cleanup(self.settings, queues, broker=broker, redis=redis)
 
     def diagnose(self, names: Iterable[str] | None = None, chars: int = 1500) -> str:
         out = []
