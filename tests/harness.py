@@ -38,18 +38,25 @@ def make_settings(amqp_url: str, redis_url: str, store_path, **overrides) -> Set
     return Settings(**values)
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool] | bool], *, timeout: float = 30.0,
-                   what: str = "condition") -> None:
+class Deadline(AssertionError):
+    """A wait ran out of time."""
+
+
+async def wait_for(predicate: Callable[[], Awaitable[object] | object], *, timeout: float = 30.0,
+                   what: str = "condition", interval: float = 0.02,
+                   on_timeout: Callable[[], str] | None = None) -> object:
+    """Polls until predicate() is truthy and returns that value; Deadline after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        result = predicate()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
+            extra = f"\n{on_timeout()}" if on_timeout else ""
+            raise Deadline(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
+        await asyncio.sleep(interval)
 
 
 class Platform:

@@ -3,7 +3,7 @@ serve <name>` and chaos agents via `python -m tests.chaos.agent`, each with a he
 per incarnation. Plus the workload (random DAG workflows through the REST API), a watcher that
 snapshots recorded results while the run goes on, and the checks every scenario ends with.
 
-No sleep here synchronises anything: every wait is on a condition with a deadline (`wait_until`). The
+No sleep here synchronises anything: every wait is on a condition with a deadline (`tests.harness.wait_for`). The
 only sleeps are poll intervals inside those waits and, in fault injection, a deliberate downtime.
 """
 
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 import aio_pika
@@ -30,7 +30,7 @@ import orjson
 from switchboard.protocol import TaskSpec
 from switchboard.settings import Settings
 from switchboard.topology import Topology
-from tests.harness import ALL_SERVICES, cleanup, free_port
+from tests.harness import ALL_SERVICES, Deadline, cleanup, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CAPABILITY = "work"
@@ -40,24 +40,6 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 RETRY_FIELD = "retry" in TaskSpec.model_fields
 
 
-class Deadline(AssertionError):
-    pass
-
-
-async def wait_until(predicate: Callable[[], Awaitable[object] | object], *, timeout: float, what: str,
-                     interval: float = 0.05, on_timeout: Callable[[], str] | None = None) -> object:
-    """Polls until predicate() is truthy and returns its value; AssertionError after the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            extra = f"\n{on_timeout()}" if on_timeout else ""
-            raise Deadline(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
-        await asyncio.sleep(interval)
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -269,7 +251,7 @@ class Cluster:
                                          f"{self.procs[name].log_tail()}")
             return all(await asyncio.gather(*(self.is_ready(n) for n in names)))
 
-        await wait_until(ready, timeout=timeout, what=f"{', '.join(names)} ready",
+        await wait_for(ready, timeout=timeout, what=f"{', '.join(names)} ready",
                          on_timeout=lambda: self.diagnose(names))
         return time.monotonic() - began
 
@@ -286,7 +268,7 @@ class Cluster:
                 return False
             return names <= {a["name"] for a in agents if a["status"] == "alive"}
 
-        await wait_until(alive, timeout=timeout, what=f"agents {sorted(names)} registered alive")
+        await wait_for(alive, timeout=timeout, what=f"agents {sorted(names)} registered alive")
 
     async def kill(self, name: str, sig: int = signal.SIGKILL, *, timeout: float = 30.0) -> float:
         """Sends the signal and reaps the process; returns the time.time() of the signal."""
@@ -294,7 +276,7 @@ class Cluster:
         assert proc.alive, f"{name} is not running"
         at = time.time()
         proc.popen.send_signal(sig)
-        await wait_until(lambda: proc.popen.poll() is not None, timeout=timeout, what=f"{name} to exit")
+        await wait_for(lambda: proc.popen.poll() is not None, timeout=timeout, what=f"{name} to exit")
         return at
 
     async def restart(self, name: str) -> None:
@@ -473,7 +455,7 @@ class Workload:
             self.submit_errors += 1
             return None
 
-        wf_id = await wait_until(attempt, timeout=timeout, interval=0.1, what=f"api to accept {spec['name']}")
+        wf_id = await wait_for(attempt, timeout=timeout, interval=0.1, what=f"api to accept {spec['name']}")
         assert wf_id not in self.specs or self.keys[wf_id] == key, "two submissions got one workflow id"
         self.specs[wf_id], self.keys[wf_id] = spec, key
         self.accepted += 1
@@ -568,7 +550,7 @@ class Workload:
             return False
 
         try:
-            await wait_until(done, timeout=timeout, what="every workflow terminal", interval=0.1)
+            await wait_for(done, timeout=timeout, what="every workflow terminal", interval=0.1)
         except Deadline as exc:
             report = await self.stuck_report(waiting())
             raise AssertionError(f"{exc}: {report}\n{self.cluster.error_summary()}") from None
@@ -643,7 +625,7 @@ async def dead_letter_probe(cluster: Cluster, *, timeout: float = 60.0) -> float
         except (httpx.HTTPError, ValueError, KeyError):
             return False
 
-    await wait_until(stored, timeout=timeout, interval=0.1, what="the probe dead letter stored")
+    await wait_for(stored, timeout=timeout, interval=0.1, what="the probe dead letter stored")
     return time.time()
 
 
@@ -679,7 +661,7 @@ async def verify(cluster: Cluster, workload: Workload) -> Verdict:
             async def once():
                 return await workload.fetch(wf_id)
 
-            return await wait_until(once, timeout=60, interval=0.2, what=f"workflow {wf_id} readable")
+            return await wait_for(once, timeout=60, interval=0.2, what=f"workflow {wf_id} readable")
 
     views = dict(zip(workload.specs, await asyncio.gather(*(read(w) for w in workload.specs))))
     listed, after = 0, None
