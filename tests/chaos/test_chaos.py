@@ -27,10 +27,9 @@ from tests.chaos.cluster import (
     kill_and_recover,
     metric,
     verify,
-    wait_until,
 )
 from tests.chaos.servers import PrivateRabbitMQ, PrivateRedis, rabbitmq_available, redis_available
-from tests.harness import ALL_SERVICES
+from tests.harness import ALL_SERVICES, wait_for
 
 pytestmark = pytest.mark.chaos
 
@@ -62,7 +61,19 @@ async def progress(workload: Workload, specs: list[dict], tasks: int, *, timeout
         ours = [w for w, s in workload.specs.items() if s["name"] in names]
         return sum(runlogs.ended_per_workflow[w] for w in ours) >= tasks
 
-    await wait_until(moved, timeout=timeout, what=what, interval=0.02, on_timeout=workload.cluster.diagnose)
+    await wait_for(moved, timeout=timeout, what=what, interval=0.02, on_timeout=workload.cluster.diagnose)
+
+
+async def run_to_a_random_moment(workload: Workload, specs: list[dict], rng, event: str
+                                 ) -> tuple[list[dict], list[dict], int]:
+    """Submits nine tenths of the work and waits until a random sixth to third of it is done, so nearly all
+    of it is in flight when `event` happens. Returns that part, the rest, and the tasks outstanding."""
+    first, rest = specs[:len(specs) * 9 // 10], specs[len(specs) * 9 // 10:]
+    await workload.submit_many(first)
+    workload.watch()
+    moment = rng.randint(size(first) // 6, size(first) // 3)
+    await progress(workload, first, moment, timeout=120, what=f"{moment} tasks done before {event}")
+    return first, rest, workload.outstanding()
 
 
 def finish_timeout(tasks: int) -> float:
@@ -88,7 +99,7 @@ async def test_sigkill_each_service_in_turn(make_cluster, report, chaos_scale, c
         submitting.append(asyncio.create_task(workload.submit_many(phase)))
         if target == "api":  # its random moment is in the middle of the submissions
             moment = rng.randint(1, max(1, len(phase) - 2))
-            await wait_until(lambda base=accepted, n=moment: workload.accepted - base >= n, timeout=60,
+            await wait_for(lambda base=accepted, n=moment: workload.accepted - base >= n, timeout=60,
                              what=f"{moment} submissions before killing the api")
         else:  # theirs is while tasks run
             moment = rng.randint(max(1, size(phase) // 10), max(2, size(phase) * 6 // 10))
@@ -126,7 +137,7 @@ async def test_sigkill_an_agent_mid_task(make_cluster, report, chaos_scale, chao
         ended = {e["run"] for e in runlogs.by("end", "victim")}
         return runlogs.ended >= size(specs) // 5 and any(e["run"] not in ended for e in runlogs.by("start", "victim"))
 
-    await wait_until(victim_busy, timeout=120, what="the victim mid-task, a fifth of the work done")
+    await wait_for(victim_busy, timeout=120, what="the victim mid-task, a fifth of the work done")
     killed_at = await cluster.kill("victim")
     ended = {e["run"] for e in runlogs.by("end", "victim")}
     in_flight = {(e["wf"], e["task"]) for e in runlogs.by("start", "victim") if e["run"] not in ended}
@@ -136,21 +147,21 @@ async def test_sigkill_an_agent_mid_task(make_cluster, report, chaos_scale, chao
         return all(any(e["agent"] == "survivor" for e in runlogs.by("end") if (e["wf"], e["task"]) == key)
                    for key in in_flight)
 
-    await wait_until(rerun, timeout=60, what="the victim's in-flight tasks run again on the survivor")
+    await wait_for(rerun, timeout=60, what="the victim's in-flight tasks run again on the survivor")
     rerun_s = time.time() - killed_at
 
     async def reported_lost() -> bool:
         return any(a["name"] == "victim" and a["status"] == "lost" for a in await cluster.agents_view())
 
-    await wait_until(reported_lost, timeout=30, what="GET /v1/agents to show the victim lost")
+    await wait_for(reported_lost, timeout=30, what="GET /v1/agents to show the victim lost")
     lost_s = time.time() - killed_at
-    await wait_until(lambda: "agent victim lost" in cluster.procs["registry"].log_text(), timeout=30,
+    await wait_for(lambda: "agent victim lost" in cluster.procs["registry"].log_text(), timeout=30,
                      what="the registry to report the victim lost")
 
     async def counted_lost() -> bool:
         return metric(await cluster.metrics("registry"), "switchboard_agents", status="lost") >= 1
 
-    await wait_until(counted_lost, timeout=10, what="the registry's switchboard_agents{status=\"lost\"} gauge")
+    await wait_for(counted_lost, timeout=10, what="the registry's switchboard_agents{status=\"lost\"} gauge")
 
     await submitting
     await workload.wait_all(timeout=finish_timeout(workload.tasks))
@@ -182,12 +193,7 @@ async def test_rabbitmq_restart_mid_run(make_cluster, settings, tmp_path, report
         print(f"scenario 3: {len(specs)} workflows, {size(specs)} tasks, RabbitMQ on port {broker.port}")
         # Nearly all the work is in flight when the broker goes: every process has deliveries unacked and
         # publishes under way (the harder case for reconnecting).
-        first, second = specs[:len(specs) * 9 // 10], specs[len(specs) * 9 // 10:]
-        await workload.submit_many(first)
-        workload.watch()
-        moment = rng.randint(size(first) // 6, size(first) // 3)
-        await progress(workload, first, moment, timeout=120, what=f"{moment} tasks done before the broker restart")
-        outstanding = workload.outstanding()
+        first, second, outstanding = await run_to_a_random_moment(workload, specs, rng, "the broker restart")
         stopped_at = time.time()
         stop_s, start_s = await broker.restart()
         report.add(kind="server", what="private RabbitMQ stop", seconds=stop_s)
@@ -202,7 +208,7 @@ async def test_rabbitmq_restart_mid_run(make_cluster, settings, tmp_path, report
             info.update(await cluster.queue_info(queues))
             return all(consumers >= 1 for _, consumers in info.values())
 
-        await wait_until(consumed_again, timeout=60, interval=0.25, what="every queue consumed again",
+        await wait_for(consumed_again, timeout=60, interval=0.25, what="every queue consumed again",
                          on_timeout=lambda: "queue: (messages, consumers) consumed by\n" + "\n".join(
                              f"  {q}: {info.get(q)} {p}" for q, p in queues.items()))
         await cluster.wait_agents_alive(cluster.agents, timeout=60)  # heartbeats flow again
@@ -240,12 +246,7 @@ async def test_redis_restart_loses_everything_mid_run(make_cluster, settings, tm
         print(f"scenario 4: {len(specs)} workflows, {size(specs)} tasks, Redis on port {server.port}")
         # Nearly all the work is in flight when Redis goes: many workflows to rebuild while results keep
         # arriving (the harder case for the rebuild).
-        first, rest = specs[:len(specs) * 9 // 10], specs[len(specs) * 9 // 10:]
-        await workload.submit_many(first)
-        workload.watch()
-        moment = rng.randint(size(first) // 6, size(first) // 3)
-        await progress(workload, first, moment, timeout=120, what=f"{moment} tasks done before the Redis restart")
-        outstanding = workload.outstanding()
+        first, rest, outstanding = await run_to_a_random_moment(workload, specs, rng, "the Redis restart")
         killed_at = time.time()
         report.add(kind="server", what="private Redis restart (data lost)", seconds=await server.restart())
         # Agents re-register by their heartbeats; the coordinator notices the loss and rebuilds RQ's data.
@@ -292,7 +293,7 @@ async def test_poison_messages_to_every_queue(make_cluster, report, chaos_scale,
         letters = [d for d in await cluster.dead_letters() if (d.get("message_id") or "").startswith("poison:")]
         return letters if {d["message_id"] for d in letters} >= expected else None
 
-    letters = await wait_until(all_dead_lettered, timeout=60, interval=0.2, what="every poison in GET /v1/dlq",
+    letters = await wait_for(all_dead_lettered, timeout=60, interval=0.2, what="every poison in GET /v1/dlq",
                                on_timeout=cluster.diagnose)
     dead_letter_s = time.time() - sent_at
     counts = collections.Counter(d["message_id"] for d in letters)
