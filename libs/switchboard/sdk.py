@@ -141,19 +141,24 @@ class Agent(runtime.Service):
 
     async def _query_control(self) -> dict:
         """Asks a coordinator whether an emergency stop is on before taking any work."""
-        key = f"control:{uuid.uuid4().hex}"
-        future = asyncio.get_running_loop().create_future()
-        self._replies[key] = future
+        ask = Envelope(type=MessageType.CONTROL, subject="control.query", source=self.name,
+                       correlation_id=f"control:{uuid.uuid4().hex}")
         try:
-            ask = Envelope(type=MessageType.CONTROL, subject="control.query", source=self.name,
-                           reply_to=self.reply_queue, correlation_id=key)
-            await self.bus.publish(ask, self.bus.topology.coordinator)
-            return await asyncio.wait_for(future, _CONTROL_QUERY_S)
+            return await self._ask_coordinator(ask, timeout_s=_CONTROL_QUERY_S)
         except TimeoutError:
             log.warning("no coordinator answered within %ss; starting without knowing the controls", _CONTROL_QUERY_S)
             return {}
+
+    async def _ask_coordinator(self, ask: Envelope, *, timeout_s: float | None = None) -> dict:
+        """Publishes `ask` to the coordinators and waits for the reply carrying its correlation id."""
+        future = asyncio.get_running_loop().create_future()
+        self._replies[ask.correlation_id] = future
+        try:
+            ask.reply_to = self.reply_queue
+            await self.bus.publish(ask, self.bus.topology.coordinator)
+            return await asyncio.wait_for(future, timeout_s)
         finally:
-            self._replies.pop(key, None)
+            self._replies.pop(ask.correlation_id, None)
 
     async def _sync_consuming(self) -> None:
         if self._tasks is None:
@@ -276,19 +281,11 @@ class Agent(runtime.Service):
             await self._sync_consuming()
 
     async def _delegate(self, ctx: TaskContext, spec: WorkflowSpec, key: str) -> dict:
-        future = asyncio.get_running_loop().create_future()
-        self._replies[key] = future
-        try:
-            env = Envelope(type=MessageType.EVENT, subject="workflow.submit", source=self.name,
-                           workflow_id=ctx.workflow_id, task_id=ctx.task_id, correlation_id=key,
-                           reply_to=self.reply_queue,
-                           payload={"workflow": spec.model_dump(mode="json", exclude_none=True),
-                                    "idempotency_key": key,
-                                    "parent": {"workflow_id": ctx.workflow_id, "task_id": ctx.task_id}})
-            await self.bus.publish(env, self.bus.topology.coordinator)
-            return await future
-        finally:
-            self._replies.pop(key, None)
+        return await self._ask_coordinator(Envelope(
+            type=MessageType.EVENT, subject="workflow.submit", source=self.name, workflow_id=ctx.workflow_id,
+            task_id=ctx.task_id, correlation_id=key,
+            payload={"workflow": spec.model_dump(mode="json", exclude_none=True), "idempotency_key": key,
+                     "parent": {"workflow_id": ctx.workflow_id, "task_id": ctx.task_id}}))
 
     async def _on_reply(self, env: Envelope, message: AbstractIncomingMessage) -> None:
         future = self._replies.get(env.correlation_id or "")
