@@ -138,10 +138,6 @@ class Consumer:
             await message.ack()
             telemetry.MESSAGES.labels(queue, "ok").inc()
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop taking messages and let in-flight handlers finish; past the deadline they are cancelled
         and their messages, never acked, are requeued by the broker when the channel closes."""

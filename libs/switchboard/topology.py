@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange
+from aio_pika.abc import AbstractChannel
 
 from switchboard.protocol import MAX_PRIORITY
 
@@ -114,6 +114,3 @@ class Topology:
             "x-message-ttl": delay_ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target,
             "x-expires": delay_ms + 60_000, "x-max-priority": MAX_PRIORITY})
         return name
-
-    async def control_exchange(self, channel: AbstractChannel) -> AbstractExchange:
-        return await channel.get_exchange(self.control, ensure=False)
