@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from redis.exceptions import WatchError
+from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 
 REDIS_URL = os.environ.get("REDIS_URL")
@@ -20,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 try:
-    from switchboard.deps import TTL_SECONDS, DependencyGraph, _escape
+    from switchboard.deps import TTL_SECONDS, DependencyGraph, _escape, _unescape
 except ImportError:
     # The package __init__ may import sibling modules that are not importable in this checkout yet;
     # deps.py has no package-internal imports, so load it on its own.
@@ -29,7 +31,8 @@ except ImportError:
     )
     _deps = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_deps)
-    TTL_SECONDS, DependencyGraph, _escape = _deps.TTL_SECONDS, _deps.DependencyGraph, _deps._escape
+    TTL_SECONDS, DependencyGraph, _escape, _unescape = (
+        _deps.TTL_SECONDS, _deps.DependencyGraph, _deps._escape, _deps._unescape)
 
 DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
 
@@ -141,9 +144,96 @@ def test_double_release(graph):
     assert graph.release(wf, "d") == graph.release(wf, "d") == []
 
 
-def test_release_unknown_task_raises(graph):
-    from rq.exceptions import NoSuchJobError
+def rq_engine_release(graph, wf: str, task: str) -> list[str]:
+    """The reference: what RQ's own Python engine hands out when a job succeeds, driven the way
+    Worker.handle_job_success drives it (WATCH the dependents, move_dependents_to_ready, then FINISHED)."""
+    prefix = graph.job_id(wf, "")
+    job = Job.fetch(graph.job_id(wf, task), connection=graph.redis)
+    job._status = JobStatus.FINISHED
+    with graph.redis.pipeline() as tx:
+        while True:
+            try:
+                tx.watch(job.dependents_key)
+                moved = graph.queue.move_dependents_to_ready(job, pipeline=tx, refresh_job_status=False)
+                ready_ids = moved.get(graph.queue.name, [])
+                ready = [j for j in Job.fetch_many(ready_ids, connection=graph.redis) if j] if ready_ids else []
+                if not tx.explicit_transaction:
+                    tx.multi()
+                job.set_status(JobStatus.FINISHED, pipeline=tx)
+                graph.deferred.remove(job, pipeline=tx)
+                for parent_id in job._dependency_ids:
+                    tx.srem(Job.dependents_key_for(parent_id), job.id)
+                for child in ready:
+                    graph.ready.remove(child, pipeline=tx)
+                    child.set_status(JobStatus.QUEUED, pipeline=tx)
+                    for parent_id in child._dependency_ids:
+                        tx.srem(Job.dependents_key_for(parent_id), child.id)
+                tx.execute()
+                break
+            except WatchError:
+                continue
+    return sorted(_unescape(i[len(prefix):]) for i in ready_ids)
 
+
+def random_dag(rng: random.Random, n: int) -> dict[str, list[str]]:
+    names = [f"t{i}" for i in range(n)]
+    return {t: rng.sample(names[:i], rng.randint(0, min(i, 4))) for i, t in enumerate(names)}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_release_agrees_with_rqs_own_engine(r, new_ns, seed):
+    """The Lua release against RQ's Python engine, step by step, on the same random DAG: in a random
+    topological order with repeats, then replayed children-first after the keys are lost."""
+    rng = random.Random(seed)
+    dag = random_dag(rng, 60)
+    ours, theirs = DependencyGraph(r, new_ns()), DependencyGraph(r, new_ns())
+    wf = str(uuid.uuid4())
+    for g in (ours, theirs):
+        g.register(wf, dag)
+    ready, done = [t for t, ps in dag.items() if not ps], []
+    while ready:
+        task = ready.pop(rng.randrange(len(ready)))
+        done.append(task)
+        released = sorted(ours.release(wf, task))
+        assert released == rq_engine_release(theirs, wf, task), task
+        ready += released
+        if rng.random() < 0.2:
+            again = rng.choice(done)
+            assert ours.release(wf, again) == rq_engine_release(theirs, wf, again) == []
+        if len(done) == len(dag) // 2:
+            succeeded = set(done)
+            for g in (ours, theirs):
+                delete_keys(r, g.namespace)
+                g.register(wf, dag)
+            replayed = [t for t in reversed(topo_order(dag)) if t in succeeded]
+            out = sorted(c for t in replayed for c in ours.release(wf, t))
+            assert out == sorted(c for t in replayed for c in rq_engine_release(theirs, wf, t))
+            assert set(out) == frontier(dag, succeeded)
+    assert sorted(done) == sorted(dag)
+
+
+def test_release_many_is_release_in_order(r, new_ns):
+    rng = random.Random(7)
+    dag = random_dag(rng, 40)
+    one, many = DependencyGraph(r, new_ns()), DependencyGraph(r, new_ns())
+    wfs = [str(uuid.uuid4()) for _ in range(3)]
+    for wf in wfs:
+        one.register(wf, dag)
+        many.register(wf, dag)
+    order = [(wf, t) for t in topo_order(dag) for wf in wfs]
+    order.insert(5, ("unknown-workflow", "t0"))
+    order += order[:10]  # repeats, in the same batch
+    expected = []
+    for wf, t in order:
+        try:
+            expected.append(sorted(one.release(wf, t)))
+        except NoSuchJobError:
+            expected.append(None)
+    assert [x if x is None else sorted(x) for x in many.release_many(order)] == expected
+    assert expected[5] is None and sum(len(x or []) for x in expected) == 3 * sum(1 for ps in dag.values() if ps)
+
+
+def test_release_unknown_task_raises(graph):
     with pytest.raises(NoSuchJobError):
         graph.release("nope", "x")
 
