@@ -4,7 +4,7 @@ Flow:  api ──workflow.submitted──▶ coordinator ──ready task──�
        dispatcher ──▶ cap.<capability> | agent.<name> | hold.<capability> (no live agent yet; dead-lettered
                       after unroutable_after_s) | paused.<capability> (paused, or its breaker is open)
        aggregator ──retry──▶ delay.<ms> ──(TTL expires)──▶ dispatch
-       agent ──status/result/error──▶ results ──▶ aggregator ──task.succeeded──▶ coordinator
+       agent ──status/result/error──▶ results ──▶ aggregator ─tasks.succeeded─▶ coordinator
        agent ──register/heartbeat──▶ registry;  anything unprocessable ──▶ dlx ──▶ dlq ──▶ dlq-replayer
        api ──replay requests──▶ replay ──▶ dlq-replayer (rate-limited)
        control (fanout): pause, resume, stop-all, cancel ──▶ every dispatcher and agent

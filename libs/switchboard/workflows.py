@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 TERMINAL_TASK = {"succeeded", "failed", "cancelled"}
 TERMINAL_WORKFLOW = {"succeeded", "failed", "cancelled"}
 _MIN_DELAY_S = 0.05  # shorter retry delays are not worth a trip through a delay queue
+_RELEASES_PER_MESSAGE = 512  # succeeded tasks per "tasks.succeeded" message: one dependency round trip each
 
 
 class NotFound(LookupError):
@@ -55,7 +56,7 @@ class FollowUps:
 
     dispatch: list[Envelope] = field(default_factory=list)  # ready tasks → dispatcher
     delayed: list[tuple[Envelope, float]] = field(default_factory=list)  # retries, after a backoff
-    coordinator: list[Envelope] = field(default_factory=list)  # task.succeeded → dependency release
+    succeeded: list[tuple[str, str]] = field(default_factory=list)  # (workflow, task) → dependency release
     replies: list[tuple[Envelope, str]] = field(default_factory=list)  # child workflow done → its parent
     control: list[Envelope] = field(default_factory=list)  # broadcasts (cancel)
     raw: list[tuple[bytes, str]] = field(default_factory=list)  # replayed dead letters → their queue
@@ -79,7 +80,12 @@ class FollowUps:
                 await bus.ensure_work_queue(queue)
                 ready.append((env, queue))
                 telemetry.TASKS_DISPATCHED.labels("direct").inc()
-        await bus.publish_many(ready + [(env, topology.coordinator) for env in self.coordinator] + self.replies)
+        releases = [
+            (Envelope(type=MessageType.EVENT, subject="tasks.succeeded", source=bus.source,
+                      payload={"tasks": self.succeeded[i:i + _RELEASES_PER_MESSAGE]}), topology.coordinator)
+            for i in range(0, len(self.succeeded), _RELEASES_PER_MESSAGE)
+        ]
+        await bus.publish_many(ready + releases + self.replies)
         for env, delay_s in self.delayed:
             await bus.publish_delayed(env, topology.dispatch, delay_s)
         for body, queue in self.raw:
@@ -299,21 +305,27 @@ class WorkflowStore:
     def _inputs(self, tr: Transaction, wf_id: str, task: dict) -> dict:
         return {p: self._read_task(tr, wf_id, p)["result"] for p in task["depends_on"]}
 
-    async def release(self, wf_id: str, task_ids: list[str], *, resend_queued: bool = True) -> FollowUps:
-        """Tasks whose parents all succeeded (per the dependency engine): queue them with their inputs.
+    async def release(self, ready: dict[str, list[str]], *, resend_queued: bool = True) -> FollowUps:
+        """Tasks the dependency engine found ready (workflow id → task ids): queue them with their inputs,
+        in one transaction. The store has the last word: a task whose parents did not all succeed stays.
         A task already queued is sent again (its first message may have died with a coordinator) unless
         resend_queued is False."""
+        wanted = ("pending", "queued") if resend_queued else ("pending",)
 
         def txn(tr: Transaction) -> FollowUps:
             out = FollowUps()
-            raw = tr.get(self._wf_key(wf_id))
-            if raw is None or (wf := orjson.loads(raw))["status"] in TERMINAL_WORKFLOW:
-                return out
-            wanted = ("pending", "queued") if resend_queued else ("pending",)
-            for task_id in task_ids:
-                task = self._read_task(tr, wf_id, task_id)
-                if task["status"] in wanted:
-                    out.dispatch.append(self._queue_task(tr, wf, task, self._inputs(tr, wf_id, task)))
+            for wf_id, task_ids in ready.items():
+                raw = tr.get(self._wf_key(wf_id))
+                if raw is None or (wf := orjson.loads(raw))["status"] in TERMINAL_WORKFLOW:
+                    continue
+                for task_id in task_ids:
+                    task = self._read_task(tr, wf_id, task_id)
+                    if task["status"] not in wanted:
+                        continue
+                    parents = {p: self._read_task(tr, wf_id, p) for p in task["depends_on"]}
+                    if all(p["status"] == "succeeded" for p in parents.values()):
+                        inputs = {p_id: p["result"] for p_id, p in parents.items()}
+                        out.dispatch.append(self._queue_task(tr, wf, task, inputs))
             return out
 
         return await self.store.transact(txn)
@@ -323,13 +335,16 @@ class WorkflowStore:
         return [t["id"] for t in tasks if t["status"] in ("pending", "queued")
                 and all(status[p] == "succeeded" for p in t["depends_on"])]
 
-    async def ready_children(self, wf_id: str, task_id: str) -> list[str]:
-        """Children of a succeeded task whose parents all succeeded, from the store alone: the check
-        used when the dependency engine's answer may have been lost (a redelivery)."""
+    async def ready_children(self, succeeded: list[tuple[str, str]]) -> dict[str, set[str]]:
+        """Children of succeeded tasks (workflow id, task id) whose parents all succeeded, from the store
+        alone: the check used when the dependency engine's answer may have been lost (a redelivery)."""
 
-        def txn(tr: Transaction) -> list[str]:
-            children = set(self._read_task(tr, wf_id, task_id)["children"])
-            return [t for t in self._ready(tr, wf_id, self._tasks(tr, wf_id)) if t in children]
+        def txn(tr: Transaction) -> dict[str, set[str]]:
+            out: dict[str, set[str]] = {}
+            for wf_id, task_ids in _by_workflow(succeeded).items():
+                children = {c for t in task_ids for c in self._read_task(tr, wf_id, t)["children"]}
+                out[wf_id] = {t for t in self._ready(tr, wf_id, self._tasks(tr, wf_id)) if t in children}
+            return out
 
         return await self.store.read(txn)
 
@@ -390,7 +405,7 @@ class WorkflowStore:
                 # The same outcome redelivered (we may have died before publishing what it caused):
                 # nothing changes, but its follow-ups are sent again; receivers ignore duplicates.
                 if task["status"] == "succeeded":
-                    out.coordinator += self._succeeded_events(wf_id, task)
+                    out.succeeded += self._succeeded(wf_id, task)
                 if wf["status"] in TERMINAL_WORKFLOW:
                     out.replies += self._reply(wf)
             return out
@@ -402,7 +417,7 @@ class WorkflowStore:
                         reason=None, ran_on=env.source)
             out.outcomes.append((task["capability"], env.source, True))
             self._write_task(tr, wf_id, task)
-            out.coordinator += self._succeeded_events(wf_id, task)
+            out.succeeded += self._succeeded(wf_id, task)
             wf["remaining"] -= 1
             if wf["remaining"] <= 0 and wf["status"] not in TERMINAL_WORKFLOW:
                 result = {t["id"]: t["result"] for t in self._tasks(tr, wf_id) if not t["children"]}
@@ -441,11 +456,9 @@ class WorkflowStore:
         out.extend(self._fail_workflow(tr, wf, f"task {task['id']!r} failed: {error.get('message', '')}"))
         return out
 
-    def _succeeded_events(self, wf_id: str, task: dict) -> list[Envelope]:
-        if not task["children"]:
-            return []
-        return [Envelope(type=MessageType.EVENT, subject="task.succeeded", source=self.source,
-                         workflow_id=wf_id, task_id=task["id"])]
+    @staticmethod
+    def _succeeded(wf_id: str, task: dict) -> list[tuple[str, str]]:
+        return [(wf_id, task["id"])] if task["children"] else []
 
     def _fail_workflow(self, tr: Transaction, wf: dict, error: str, status: str = "failed") -> FollowUps:
         """Fails (or cancels) the workflow and cancels every task that has not finished."""
@@ -607,6 +620,13 @@ class WorkflowStore:
                     for wf in wfs]
 
         return await self.store.read(txn)
+
+
+def _by_workflow(tasks: list[tuple[str, str]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for wf_id, task_id in tasks:
+        out.setdefault(wf_id, []).append(task_id)
+    return out
 
 
 def _topological(parents: dict[str, list[str]]) -> list[str]:

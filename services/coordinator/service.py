@@ -17,7 +17,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
-from rq.exceptions import NoSuchJobError
 
 from switchboard.bus import Transient
 from switchboard.control import Controls
@@ -67,8 +66,9 @@ class Coordinator(Service):
             await self.take_in(env.payload["workflow_ids"], redelivered=message.redelivered)
         elif env.subject == "workflow.submit":
             await self._submit_child(env)
-        elif env.subject == "task.succeeded":
-            await self._release(env.workflow_id, env.task_id, check_store=message.redelivered)
+        elif env.subject == "tasks.succeeded":
+            await self._release([(wf_id, task_id) for wf_id, task_id in env.payload["tasks"]],
+                                check_store=message.redelivered)
         elif env.subject == "control.query" and env.reply_to:
             reply = control_message(await self.controls.get(), self.name)
             reply.correlation_id = env.correlation_id
@@ -96,22 +96,28 @@ class Coordinator(Service):
         )
         await self.take_in([wf_id], redelivered=True)  # a known child may be re-asked for: answer again
 
-    async def _release(self, wf_id: str, task_id: str, *, check_store: bool) -> None:
+    async def _release(self, succeeded: list[tuple[str, str]], *, check_store: bool) -> None:
         resend_queued = check_store  # a redelivery: children we queued may never have been published
-        try:
-            ready = await self._redis(self.graph.release, wf_id, task_id)
-        except NoSuchJobError:
+        answers = await self._redis(self.graph.release_many, succeeded)
+        ready: dict[str, set[str]] = {}
+        unknown = []
+        for (wf_id, task_id), children in zip(succeeded, answers):
+            ready.setdefault(wf_id, set()).update(children or ())
+            if children is None:
+                unknown.append((wf_id, task_id))
+        if unknown:
             # Redis lost RQ's data: the store knows what is ready; the rebuild restores the rest.
-            log.warning("dependency data of workflow %s is gone from Redis; rebuilding", wf_id)
-            self.rebuild_again = True  # a rebuild under way may have read the store before this success
+            log.warning("dependency data of %d succeeded tasks is gone from Redis; rebuilding", len(unknown))
+            self.rebuild_again = True  # a rebuild under way may have read the store before these successes
             if self.rebuild_task is None or self.rebuild_task.done():
                 self.rebuild_task = asyncio.create_task(self._rebuild())
-            ready, check_store = [], True
-        if check_store:
+        if to_check := succeeded if check_store else unknown:
             # RQ may have handed out the children before we died, or lost them. The store knows.
-            ready = sorted(set(ready) | set(await self.workflows.ready_children(wf_id, task_id)))
+            for wf_id, children in (await self.workflows.ready_children(to_check)).items():
+                ready[wf_id] |= children
+        ready = {wf_id: sorted(children) for wf_id, children in ready.items() if children}
         if ready:
-            out = await self.workflows.release(wf_id, ready, resend_queued=resend_queued)
+            out = await self.workflows.release(ready, resend_queued=resend_queued)
             await out.publish(self.bus, self.routes)
 
     async def _redis(self, fn, *args):
@@ -164,9 +170,8 @@ class Coordinator(Service):
 
     async def _rebuild_one(self, wf_id: str, parents: dict[str, list[str]]) -> int:
         await self._redis(self.graph.register, wf_id, parents)
-        ready = []
-        for task_id in await self.workflows.succeeded_children_first(wf_id, parents):
-            ready += await self._redis(self.graph.release, wf_id, task_id)
-        out: FollowUps = await self.workflows.release(wf_id, ready, resend_queued=False)
+        succeeded = [(wf_id, t) for t in await self.workflows.succeeded_children_first(wf_id, parents)]
+        ready = [t for children in await self._redis(self.graph.release_many, succeeded) for t in children or ()]
+        out: FollowUps = await self.workflows.release({wf_id: ready}, resend_queued=False)
         await out.publish(self.bus, self.routes)
         return len(out.dispatch)
