@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 try:
-    from switchboard.deps import TTL_SECONDS, DependencyGraph, _escape, _unescape
+    from switchboard.deps import _FUNC, TTL_SECONDS, DependencyGraph, _escape, _unescape
 except ImportError:
     # The package __init__ may import sibling modules that are not importable in this checkout yet;
     # deps.py has no package-internal imports, so load it on its own.
@@ -31,8 +31,8 @@ except ImportError:
     )
     _deps = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_deps)
-    TTL_SECONDS, DependencyGraph, _escape, _unescape = (
-        _deps.TTL_SECONDS, _deps.DependencyGraph, _deps._escape, _deps._unescape)
+    _FUNC, TTL_SECONDS, DependencyGraph, _escape, _unescape = (
+        _deps._FUNC, _deps.TTL_SECONDS, _deps.DependencyGraph, _deps._escape, _deps._unescape)
 
 DIAMOND = {"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"]}
 
@@ -173,6 +173,45 @@ def rq_engine_release(graph, wf: str, task: str) -> list[str]:
             except WatchError:
                 continue
     return sorted(_unescape(i[len(prefix):]) for i in ready_ids)
+
+
+def rq_engine_register(graph, wf: str, parents: dict[str, list[str]]) -> None:
+    """The reference: RQ's own Job.save and Job.register_dependency for fresh jobs."""
+    with graph.redis.pipeline() as tx:
+        for task, ps in parents.items():
+            job = Job.create(_FUNC, connection=graph.redis, id=graph.job_id(wf, task), origin=graph.queue.name,
+                             description=f"{wf}/{task}", depends_on=[graph.job_id(wf, p) for p in ps] or None,
+                             status=JobStatus.DEFERRED if ps else JobStatus.QUEUED, ttl=TTL_SECONDS)
+            job.save(pipeline=tx)
+            if ps:
+                job.register_dependency(pipeline=tx)
+        tx.execute()
+
+
+def snapshot(r, namespace: str) -> dict:
+    """Every key of a namespace and its content, with the namespace and creation times taken out."""
+    out = {}
+    for key in keys(r, namespace):
+        kind = r.type(key).decode()
+        if kind == "hash":
+            value = {k: v for k, v in r.hgetall(key).items() if k != b"created_at"}
+        elif kind == "set":
+            value = sorted(r.smembers(key))
+        else:
+            value = sorted(r.zrange(key, 0, -1))
+        out[key.replace(namespace, "NS")] = (kind, repr(value).replace(namespace, "NS"))
+    return out
+
+
+def test_register_writes_what_rq_itself_writes(r, new_ns):
+    rng = random.Random(3)
+    dag = random_dag(rng, 30)
+    ours, theirs = DependencyGraph(r, new_ns()), DependencyGraph(r, new_ns())
+    wf = str(uuid.uuid4())
+    ours.register(wf, dag)
+    rq_engine_register(theirs, wf, dag)
+    assert snapshot(r, ours.namespace) == snapshot(r, theirs.namespace)
+    assert len(snapshot(r, ours.namespace)) > len(dag)
 
 
 def random_dag(rng: random.Random, n: int) -> dict[str, list[str]]:

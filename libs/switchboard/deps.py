@@ -8,14 +8,16 @@ an RQ job that is never executed (its func is a no-op that nothing calls); we on
 machine ``deferred -> queued -> finished`` ourselves. The state store is the source of truth; everything
 here is derived and can be rebuilt with ``register`` + ``release`` of the already-succeeded tasks.
 
-Releasing runs RQ's own rule as one Lua script (RQ ships its own scripts the same way, in ``rq.scripts``). For
-the succeeded job: status FINISHED; then, for each job in its ``dependents`` set, what
-``Queue.move_dependents_to_ready`` decides with ``Job.dependencies_are_met(parent_job=...)``: it is ready unless
-it is CANCELED or one of its ``dependencies`` has a status other than FINISHED (a dependency whose job is gone
-counts as met, as in RQ; the state store double-checks). Why not call RQ's Python engine: it takes about eight
-round trips and 1.2-2 ms of CPU per release (WATCH, SMEMBERS, a Job restore per dependent...), which made the
-coordinator the bottleneck of a DAG; the script does one round trip for a whole batch of releases. The test
-suite runs the script against RQ's engine on random DAGs and requires the same answers.
+Registering creates every task's job with RQ's own ``Job.create(depends_on=...)`` and writes what ``Job.save``
+and ``Job.register_dependency`` would write. Releasing applies RQ's own rule: the succeeded job becomes FINISHED;
+each job in its ``dependents`` set is ready, as ``Queue.move_dependents_to_ready`` decides with
+``Job.dependencies_are_met(parent_job=...)``, unless it is CANCELED or one of its ``dependencies`` has a status
+other than FINISHED (a dependency whose job is gone counts as met, as in RQ; the state store double-checks).
+Both run as Lua scripts on RQ's keys (RQ ships scripts of its own the same way, in ``rq.scripts``), because
+RQ's Python engine costs about eight round trips and 1.2-2 ms of CPU per release (WATCH, SMEMBERS, a Job
+restore per dependent...) and 1.5 ms per registered workflow, which made the coordinator the bottleneck of a
+DAG; the scripts take one round trip for a whole batch. The tests run them side by side with RQ's own engine
+on random DAGs and require the same keys and the same answers.
 
 Exactly-once hand-out: the script is atomic, so releases, even concurrent ones from several processes, happen
 one after the other. One invariant on top of RQ's: a job sits in its parents' dependents sets only while it
@@ -45,9 +47,50 @@ from rq.utils import as_text
 TTL_SECONDS = 7 * 24 * 3600
 
 _SEP = "__"
+_REGISTER_CHUNK = 100  # workflows per register round trip: keeps each script's hold on Redis to milliseconds
 _PROBE = "job-id-probe"  # a valid RQ job id that cannot occur in RQ's key prefixes
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
+
+# KEYS: the deferred registry. ARGV: RQ's key layout (as below), the TTL, now, then per job: its id, the
+# length of its hash's field/value list and that list (Job.to_dict), the number of its parents and their ids.
+# What Job.save + Job.register_dependency would write, with EXPIREs; a job that exists keeps its status.
+_REGISTER = """
+local deferred = KEYS[1]
+local job_prefix, dependents_prefix, dependents_suffix = ARGV[1], ARGV[2], ARGV[3]
+local dependencies_prefix, dependencies_suffix = ARGV[4], ARGV[5]
+local ttl, now = tonumber(ARGV[6]), tonumber(ARGV[7])
+local function job_key(id) return job_prefix .. id end
+local function dependents_key(id) return dependents_prefix .. id .. dependents_suffix end
+local function dependencies_key(id) return dependencies_prefix .. id .. dependencies_suffix end
+
+local i = 8
+while i <= #ARGV do
+  local id, n_fields = ARGV[i], tonumber(ARGV[i + 1])
+  local n_parents = tonumber(ARGV[i + 2 + n_fields])
+  local key, status = job_key(id), false
+  -- A hash without "data" is a fragment (a write that straddled a Redis restart): missing.
+  if redis.call('HEXISTS', key, 'data') == 1 then
+    status = redis.call('HGET', key, 'status')
+  else
+    redis.call('HSET', key, unpack(ARGV, i + 2, i + 1 + n_fields))
+  end
+  if n_parents > 0 and (not status or status == '%(deferred)s') then
+    redis.call('ZADD', deferred, now, id)
+    for j = i + 3 + n_fields, i + 2 + n_fields + n_parents do
+      redis.call('SADD', dependents_key(ARGV[j]), id)
+      redis.call('EXPIRE', dependents_key(ARGV[j]), ttl)
+      redis.call('SADD', dependencies_key(id), ARGV[j])
+    end
+  end
+  redis.call('EXPIRE', key, ttl)
+  redis.call('EXPIRE', dependents_key(id), ttl)
+  redis.call('EXPIRE', dependencies_key(id), ttl)
+  i = i + 3 + n_fields + n_parents
+end
+redis.call('ZREMRANGEBYSCORE', deferred, '-inf', now - ttl)
+redis.call('EXPIRE', deferred, ttl)
+""" % {"deferred": JobStatus.DEFERRED.value}
 
 # KEYS: the deferred and ready registries. ARGV: the job key prefix, the dependents key's prefix and suffix,
 # the dependencies key's prefix and suffix (RQ's key layout, read off RQ), then the ids of the succeeded jobs.
@@ -139,6 +182,7 @@ class DependencyGraph:
         self.deferred = DeferredJobRegistry(queue=self.queue)
         self.ready = ReadyJobRegistry(queue=self.queue)
         self._ns = _escape(namespace) + _SEP
+        self._register_script = redis.register_script(_REGISTER)
         self._release_script = redis.register_script(_RELEASE)
         self._key_parts = [Job.key_for(""), *Job.dependents_key_for(_PROBE).split(_PROBE),
                            *Job(_PROBE, connection=redis).dependencies_key.split(_PROBE)]
@@ -151,7 +195,7 @@ class DependencyGraph:
         return self._ns + _escape(workflow_id) + _SEP
 
     def register(self, workflow_id: str, parents: dict[str, list[str]]) -> None:
-        """Create the RQ jobs of a workflow: roots QUEUED, tasks with parents DEFERRED. Three round trips.
+        """Create the RQ jobs of a workflow: roots QUEUED, tasks with parents DEFERRED.
 
         Idempotent: jobs that already exist keep their status (so FINISHED parents stay finished); only
         missing jobs are created. Still-deferred jobs are re-linked to their parents, which repairs a parent
@@ -159,56 +203,34 @@ class DependencyGraph:
         is released (again); ``release`` of a finished task is safe to repeat. The DAG of a workflow id must
         not change between calls.
         """
-        unknown = {p for ps in parents.values() for p in ps} - parents.keys()
-        if unknown:
-            raise ValueError(f"workflow {workflow_id!r}: unknown parent task(s) {sorted(unknown)}")
-        prefix = self._prefix(workflow_id)
-        jobs = [
-            Job.create(
-                _FUNC,
-                connection=self.redis,
-                id=prefix + _escape(task),
-                origin=self.queue.name,
-                description=f"{workflow_id}/{task}",
-                depends_on=[prefix + _escape(p) for p in ps] or None,
-                status=JobStatus.DEFERRED if ps else JobStatus.QUEUED,
-                ttl=TTL_SECONDS,
-            )
-            for task, ps in parents.items()
-        ]
-        if not jobs:
-            return
-        with self.redis.pipeline() as tx:
-            while True:
-                try:
-                    # A release() committing between our read and our write would be overwritten; WATCH turns
-                    # that into a retry.
-                    tx.watch(*(job.key for job in jobs))
-                    with self.redis.pipeline(transaction=False) as read:  # one round trip, not one per job
-                        for job in jobs:
-                            read.hget(job.key, "status")
-                            read.hexists(job.key, "data")
-                        raw = read.execute()
-                        # A hash without "data" is a fragment (a write that straddled a Redis restart): missing.
-                        statuses = [as_text(s) if s and has else None for s, has in zip(raw[0::2], raw[1::2])]
-                    tx.multi()
-                    for job, status in zip(jobs, statuses):
-                        if status is None:
-                            job.save(pipeline=tx)
-                        if job._dependency_ids and status in (None, JobStatus.DEFERRED):
-                            # RQ's own edge bookkeeping: dependents sets, dependencies set, deferred registry.
-                            job.register_dependency(pipeline=tx)
-                    for job in jobs:
-                        # After register_dependency, so the dependents/dependencies sets exist to be expired.
-                        tx.expire(job.key, TTL_SECONDS)
-                        tx.expire(job.dependents_key, TTL_SECONDS)
-                        tx.expire(job.dependencies_key, TTL_SECONDS)
-                    tx.zremrangebyscore(self.deferred.key, "-inf", int(time.time()) - TTL_SECONDS)
-                    tx.expire(self.deferred.key, TTL_SECONDS)
-                    tx.execute()
-                    return
-                except WatchError:
-                    continue
+        self.register_many({workflow_id: parents})
+
+    def register_many(self, graphs: dict[str, dict[str, list[str]]]) -> None:
+        """``register`` for many workflows (workflow id → task id → parent ids): one round trip per
+        ``_REGISTER_CHUNK`` workflows, each one atomic step."""
+        for workflow_id, parents in graphs.items():
+            unknown = {p for ps in parents.values() for p in ps} - parents.keys()
+            if unknown:
+                raise ValueError(f"workflow {workflow_id!r}: unknown parent task(s) {sorted(unknown)}")
+        items = list(graphs.items())
+        for start in range(0, len(items), _REGISTER_CHUNK):
+            args: list = [*self._key_parts, TTL_SECONDS, int(time.time())]
+            for workflow_id, parents in items[start:start + _REGISTER_CHUNK]:
+                prefix = self._prefix(workflow_id)
+                for task, ps in parents.items():
+                    job = Job.create(  # RQ's own job, as RQ would store it: the script only writes it out
+                        _FUNC,
+                        connection=self.redis,
+                        id=prefix + _escape(task),
+                        origin=self.queue.name,
+                        description=f"{workflow_id}/{task}",
+                        depends_on=[prefix + _escape(p) for p in ps] or None,
+                        status=JobStatus.DEFERRED if ps else JobStatus.QUEUED,
+                        ttl=TTL_SECONDS,
+                    )
+                    fields = [x for pair in job.to_dict().items() for x in pair]
+                    args += [job.id, len(fields), *fields, len(job._dependency_ids), *job._dependency_ids]
+            self._register_script(keys=[self.deferred.key], args=args)
 
     def release(self, workflow_id: str, task_id: str) -> list[str]:
         """Mark a succeeded task FINISHED; return the task ids of this workflow that it made ready.
