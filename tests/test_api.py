@@ -22,12 +22,14 @@ async def api_only(settings):
         await platform.close()
 
 
-async def announced(platform) -> int:
+async def published(platform, queue: str | None = None) -> int:
+    """Messages waiting in a queue; by default in the coordinator's and the dispatcher's together."""
     connection = await aio_pika.connect(platform.settings.amqp_url)
     try:
         channel = await connection.channel()
-        queue = await channel.declare_queue(platform.topology.coordinator, passive=True)
-        return queue.declaration_result.message_count
+        names = [queue] if queue else [platform.topology.coordinator, platform.topology.dispatch]
+        return sum([(await channel.declare_queue(name, passive=True)).declaration_result.message_count
+                    for name in names])
     finally:
         await connection.close()
 
@@ -58,7 +60,7 @@ async def test_invalid_workflows_are_refused_and_nothing_is_stored_or_published(
     assert error["code"] == code
     assert mentions in error["message"] + str(error.get("details", ""))
     assert (await api_only.client.get("/v1/workflows")).json()["workflows"] == []
-    assert await announced(api_only) == 0
+    assert await published(api_only) == 0
 
 
 async def test_malformed_json_and_wrong_content(api_only):
@@ -70,16 +72,30 @@ async def test_malformed_json_and_wrong_content(api_only):
     response = await api_only.client.post("/v1/workflows", content=b"{" + b" " * 5_000_000 + b"}",
                                           headers={"Content-Type": "application/json"})
     assert response.status_code == 413
-    assert await announced(api_only) == 0
+    assert await published(api_only) == 0
 
 
 async def test_a_valid_workflow_is_stored_and_announced_once(api_only):
-    response = await api_only.client.post("/v1/workflows", json=VALID)
+    chain = {"tasks": [{"id": "a", "capability": "echo"}, {"id": "b", "capability": "echo", "depends_on": ["a"]}]}
+    response = await api_only.client.post("/v1/workflows", json=chain)
     assert response.status_code == 202
     assert response.json()["status"] == "pending"
-    assert await announced(api_only) == 1
+    assert await published(api_only, api_only.topology.coordinator) == 1
+    assert await published(api_only, api_only.topology.dispatch) == 0
     listed = (await api_only.client.get("/v1/workflows", params={"status": "pending"})).json()
     assert [w["workflow_id"] for w in listed["workflows"]] == [response.json()["workflow_id"]]
+
+
+async def test_a_workflow_that_waits_on_nothing_is_queued_by_the_api_once(api_only):
+    # No coordinator and no dependency engine in the way: its task goes to dispatch from here.
+    response = await api_only.client.post("/v1/workflows", json=VALID, headers={"Idempotency-Key": "k1"})
+    assert response.status_code == 202 and response.json()["status"] == "running"
+    again = await api_only.client.post("/v1/workflows", json=VALID, headers={"Idempotency-Key": "k1"})
+    assert again.json()["workflow_id"] == response.json()["workflow_id"]
+    assert await published(api_only, api_only.topology.dispatch) == 1
+    assert await published(api_only, api_only.topology.coordinator) == 1  # the repeat is announced; intake skips it
+    view = (await api_only.client.get(f"/v1/workflows/{response.json()['workflow_id']}")).json()
+    assert view["status"] == "running" and view["tasks"][0]["status"] == "queued"
 
 
 async def test_mutating_calls_need_the_token_reads_do_not(api_only):
@@ -93,7 +109,7 @@ async def test_mutating_calls_need_the_token_reads_do_not(api_only):
     assert wrong.status_code == 401
     assert (await client.get("/v1/workflows")).status_code == 200
     assert (await client.get("/v1/agents")).status_code == 200
-    assert await announced(api_only) == 0
+    assert await published(api_only) == 0
 
 
 async def test_lookups_and_parameters(api_only):
@@ -122,4 +138,4 @@ async def test_listing_paginates_newest_first(api_only):
 async def test_long_poll_returns_at_the_deadline_for_an_unfinished_workflow(api_only):
     wf_id = (await api_only.client.post("/v1/workflows", json=VALID)).json()["workflow_id"]
     view = (await api_only.client.get(f"/v1/workflows/{wf_id}", params={"wait": 0.3})).json()
-    assert view["status"] == "pending"
+    assert view["status"] == "running"  # no agent in this test: it never finishes

@@ -1,6 +1,7 @@
 """Every exchange and queue, named and declared in one place, so their arguments always agree.
 
 Flow:  api ──workflow.submitted──▶ coordinator ──ready task──▶ dispatch ──▶ dispatcher
+       api ──ready task (its workflow has no dependencies)──▶ dispatch
        dispatcher ──▶ cap.<capability> | agent.<name> | hold.<capability> (no live agent yet; dead-lettered
                       after unroutable_after_s) | paused.<capability> (paused, or its breaker is open)
        aggregator ──retry──▶ delay.<ms> ──(TTL expires)──▶ dispatch

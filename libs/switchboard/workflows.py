@@ -8,7 +8,7 @@ status and attempt number). So nothing is lost and nothing is recorded twice.
 Keys (fdb.tuple packed):
   (ns, "wf", wf_id) → workflow                 (ns, "task", wf_id, task_id) → task
   (ns, "status", status, wf_id) → b""          (ns, "idem", key) → {workflow_id, digest}
-  (ns, "unscheduled", wf_id) → created_at      intake not yet done by a coordinator
+  (ns, "unscheduled", wf_id) → claimed_at      intake not yet done: when it was stored, or last taken up
   (ns, "deadline", ts, wf_id, task_id) → attempt   running attempts, for the timeout watchdog
 """
 
@@ -179,7 +179,8 @@ class WorkflowStore:
 
     # ---- intake -----------------------------------------------------------------------------------
     def _create(self, tr: Transaction, spec: WorkflowSpec, idempotency_key: str | None,
-                parent: dict | None, reply_to: str | None, correlation_id: str | None) -> str:
+                parent: dict | None, reply_to: str | None, correlation_id: str | None) -> tuple[str, bool]:
+        """Stores a new workflow, pending; returns its id and True, or the known one's id and False."""
         digest = spec_digest(spec)
         if idempotency_key:
             raw = tr.get(pack(self.ns, "idem", idempotency_key))
@@ -192,7 +193,7 @@ class WorkflowStore:
                     wf = self._read_wf(tr, known["workflow_id"])
                     wf["reply_to"], wf["correlation_id"] = reply_to, correlation_id
                     self._write_wf(tr, wf)
-                return known["workflow_id"]
+                return known["workflow_id"], False
         wf_id = new_id()
         now = time.time()
         children: dict[str, list[str]] = {t.id: [] for t in spec.tasks}
@@ -221,24 +222,38 @@ class WorkflowStore:
             self._write_task(tr, wf_id, task)
         if idempotency_key:
             tr.set(pack(self.ns, "idem", idempotency_key), orjson.dumps({"workflow_id": wf_id, "digest": digest}))
-        return wf_id
+        return wf_id, True
 
-    async def create(self, specs: list[WorkflowSpec], idempotency_key: str | None = None) -> list[str]:
-        """Stores workflows (all or none). With a key, the same key and body return the same workflow."""
+    async def create(self, specs: list[WorkflowSpec], idempotency_key: str | None = None
+                     ) -> tuple[list[str], list[str], FollowUps]:
+        """Stores workflows (all or none). With a key, the same key and body return the same workflow.
 
-        def txn(tr: Transaction) -> list[str]:
-            return [self._create(tr, spec, idempotency_key if len(specs) == 1 else
-                                 (idempotency_key and f"{idempotency_key}#{i}"), None, None, None)
-                    for i, spec in enumerate(specs)]
+        A new workflow in which no task waits for another needs neither the dependency engine nor a
+        coordinator: it starts in this transaction. Returns the ids, the ids of those started (the caller
+        publishes the follow-ups and then calls taken_in() for them; a coordinator takes in the others),
+        and the follow-ups."""
+
+        def txn(tr: Transaction):
+            ids, started, out = [], [], FollowUps()
+            for i, spec in enumerate(specs):
+                key = idempotency_key if len(specs) == 1 else (idempotency_key and f"{idempotency_key}#{i}")
+                wf_id, new = self._create(tr, spec, key, None, None, None)
+                ids.append(wf_id)
+                if new and not any(t.depends_on for t in spec.tasks):
+                    self._take_up(tr, wf_id, out, {})
+                    started.append(wf_id)
+            return ids, started, out
 
         return await self.store.transact(txn)
 
     async def create_child(self, spec: WorkflowSpec, idempotency_key: str, parent: dict, reply_to: str,
                            correlation_id: str) -> str:
-        return await self.store.transact(self._create, spec, idempotency_key, parent, reply_to, correlation_id)
+        wf_id, _ = await self.store.transact(self._create, spec, idempotency_key, parent, reply_to, correlation_id)
+        return wf_id
 
     async def unscheduled(self, older_than_s: float, limit: int = 100) -> list[str]:
-        """Workflows stored but not yet taken in by a coordinator (e.g. the api died before telling it)."""
+        """Workflows stored but not taken in by a coordinator, and not taken up for older_than_s (the api
+        died before telling one, or the coordinator died half-way)."""
 
         def txn(tr: Transaction) -> list[str]:
             cutoff = time.time() - older_than_s
@@ -253,31 +268,41 @@ class WorkflowStore:
         task id → parent ids, which the caller registers with the dependency engine before it publishes
         the follow-ups, and then calls taken_in(). Until then the workflow stays "unscheduled", so an
         intake that died half-way is redone by the sweep; roots already queued are sent again only then,
-        or when the announcement itself was redelivered, never merely because it arrived late."""
+        or when the announcement itself was redelivered, never merely because it arrived late. Taking a
+        workflow up claims it afresh, so the sweep leaves it alone while this intake is under way."""
 
         def txn(tr: Transaction):
-            out, graphs = FollowUps(), {}
+            out, graphs, now = FollowUps(), {}, orjson.dumps(time.time())
             for wf_id in wf_ids:
-                if tr.get(pack(self.ns, "unscheduled", wf_id)) is None and not redelivered:
-                    continue  # taken in already (by the sweep, or by another coordinator)
-                raw = tr.get(self._wf_key(wf_id))
-                if raw is None:
-                    continue
-                wf = orjson.loads(raw)
-                if wf["status"] in TERMINAL_WORKFLOW:
-                    out.replies += self._reply(wf)
-                    continue
-                if wf["status"] == "pending":
-                    self._set_wf_status(tr, wf, "running")
-                tasks = self._tasks(tr, wf_id)
-                if any(t["depends_on"] for t in tasks):
-                    graphs[wf_id] = {t["id"]: t["depends_on"] for t in tasks}
-                for task in tasks:
-                    if not task["depends_on"] and task["status"] in ("pending", "queued"):
-                        out.dispatch.append(self._queue_task(tr, wf, task, {}))
+                unscheduled = pack(self.ns, "unscheduled", wf_id)
+                if tr.get(unscheduled) is None:
+                    if not redelivered:
+                        continue  # taken in already (by the sweep, or by another coordinator)
+                else:
+                    tr.set(unscheduled, now)
+                self._take_up(tr, wf_id, out, graphs)
             return graphs, out
 
         return await self.store.transact(txn)
+
+    def _take_up(self, tr: Transaction, wf_id: str, out: FollowUps, graphs: dict) -> None:
+        """Starts a workflow: queues its tasks that wait on nothing (again, if queued already) and notes
+        the dependencies of the others in graphs."""
+        raw = tr.get(self._wf_key(wf_id))
+        if raw is None:
+            return
+        wf = orjson.loads(raw)
+        if wf["status"] in TERMINAL_WORKFLOW:
+            out.replies += self._reply(wf)
+            return
+        if wf["status"] == "pending":
+            self._set_wf_status(tr, wf, "running")
+        tasks = self._tasks(tr, wf_id)
+        if any(t["depends_on"] for t in tasks):
+            graphs[wf_id] = {t["id"]: t["depends_on"] for t in tasks}
+        for task in tasks:
+            if not task["depends_on"] and task["status"] in ("pending", "queued"):
+                out.dispatch.append(self._queue_task(tr, wf, task, {}))
 
     async def taken_in(self, wf_ids: list[str]) -> None:
         def txn(tr: Transaction) -> None:

@@ -124,34 +124,44 @@ def create_app(service: Api) -> FastAPI:
             status = 413 if exc.code == "payload_too_large" else 422
             raise ApiError(status, exc.code, str(exc)) from exc
 
-    async def submit(specs: list[WorkflowSpec], key: str | None) -> list[str]:
+    async def submit(specs: list[WorkflowSpec], key: str | None) -> tuple[list[str], list[str]]:
+        """Stores the workflows; returns their ids and the ids of those that started at once."""
         for spec in specs:
             check(spec)
         try:
-            ids = await service.workflows.create(specs, key)
+            ids, started, ready = await service.workflows.create(specs, key)
         except IdempotencyConflict as exc:
             raise ApiError(409, "idempotency_conflict", str(exc)) from exc
-        announce = Envelope(type=MessageType.EVENT, subject="workflow.submitted", source="api",
-                            payload={"workflow_ids": ids})
-        try:
-            await service.bus.publish(announce, service.bus.topology.coordinator)
-        except Exception as exc:  # stored is accepted: the coordinator's intake sweep takes it in
-            log.warning("could not announce workflows %s: %s", ids, exc)
-        return ids
+        # Stored is accepted: whatever cannot be sent now, the coordinator's intake sweep sends later.
+        if waiting := [wf_id for wf_id in ids if wf_id not in started]:
+            announce = Envelope(type=MessageType.EVENT, subject="workflow.submitted", source="api",
+                                payload={"workflow_ids": waiting})
+            try:
+                await service.bus.publish(announce, service.bus.topology.coordinator)
+            except Exception as exc:
+                log.warning("could not announce workflows %s: %s", waiting, exc)
+        if started:
+            try:
+                await ready.publish(service.bus, service.routes)
+                await service.workflows.taken_in(started)
+            except Exception as exc:
+                log.warning("could not queue the tasks of workflows %s: %s", started, exc)
+        return ids, started
 
     @app.post("/v1/workflows", status_code=202, dependencies=mutating)
     async def submit_workflow(spec: WorkflowSpec, idempotency_key: Annotated[str | None, Header()] = None):
-        [wf_id] = await submit([spec], idempotency_key)
-        return {"workflow_id": wf_id, "status": "pending", "tasks": len(spec.tasks)}
+        [wf_id], started = await submit([spec], idempotency_key)
+        return {"workflow_id": wf_id, "status": "running" if started else "pending", "tasks": len(spec.tasks)}
 
     @app.post("/v1/workflows/batch", status_code=202, dependencies=mutating)
     async def submit_workflows(batch: WorkflowBatch, idempotency_key: Annotated[str | None, Header()] = None):
-        return {"workflow_ids": await submit(batch.workflows, idempotency_key)}
+        ids, _ = await submit(batch.workflows, idempotency_key)
+        return {"workflow_ids": ids}
 
     @app.post("/v1/tasks", status_code=202, dependencies=mutating)
     async def submit_task(task: TaskSubmission, idempotency_key: Annotated[str | None, Header()] = None):
         spec = WorkflowSpec(tasks=[task.model_dump()])
-        [wf_id] = await submit([spec], idempotency_key)
+        [wf_id], _ = await submit([spec], idempotency_key)
         return {"workflow_id": wf_id, "task_id": task.id}
 
     @app.get("/v1/workflows/{workflow_id}")

@@ -37,6 +37,7 @@ class Api(Service):
 
     async def setup(self) -> None:
         self.workflows = WorkflowStore(self.store, self.settings)
+        self.routes = await self.follow_routes()  # workflows that wait on nothing start here (see app.submit)
         self.registry = RegistryClient(self.redis, self.settings)
         self.dead_letters = DeadLetters(self.store, self.settings)
         self.controls = Controls(self.store, self.settings.namespace)

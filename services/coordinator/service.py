@@ -1,12 +1,13 @@
 """Workflow intake, dependency resolution, and the timeout watchdog.
 
-Takes in workflows (stored by the api, or submitted by a delegating agent), registers their
-dependencies with RQ and queues the tasks that wait on nothing. When the aggregator reports a task
+Takes in workflows with dependencies (stored by the api, or submitted by a delegating agent; the api
+starts the others itself), registers their dependencies with RQ and queues the tasks that wait on
+nothing. When the aggregator reports a task
 succeeded, RQ says which dependents are now ready, and they are queued with their parents' results.
 
 RQ's data is derived: if Redis loses it (a sentinel key disappears, or RQ no longer knows a job), the
 coordinator rebuilds it from the state store. A sweep takes in workflows that were stored but never
-announced (the api died in between); the watchdog fails attempts whose agent hung or vanished.
+announced or whose tasks were never queued (the api died in between); the watchdog fails attempts whose agent hung or vanished.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Coordinator(Service):
         self.rebuilding = asyncio.Lock()
         self.rebuild_task: asyncio.Task | None = None
         self.rebuild_again = False
+        self.taking_in: set[str] = set()  # workflows whose intake is under way in this process
         # One thread for RQ: releases of siblings that share a child would otherwise contend on RQ's
         # optimistic locks (WATCH) and retry; in one thread they run back to back instead.
         self.rq_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rq")
@@ -77,12 +79,15 @@ class Coordinator(Service):
             raise ValueError(f"coordinator does not handle subject {env.subject!r}")
 
     async def take_in(self, wf_ids: list[str], *, redelivered: bool = False) -> None:
-        graphs, out = await self.workflows.start(wf_ids, redelivered=redelivered)
-        # Before any root is published, so no parent can finish before its dependents are registered.
-        for wf_id, parents in graphs.items():
-            await self._redis(self.graph.register, wf_id, parents)
-        await out.publish(self.bus, self.routes)
-        await self.workflows.taken_in(wf_ids)
+        self.taking_in.update(wf_ids)
+        try:
+            graphs, out = await self.workflows.start(wf_ids, redelivered=redelivered)
+            # Before any root is published, so no parent can finish before its dependents are registered.
+            await self._redis(self.graph.register_many, graphs)
+            await out.publish(self.bus, self.routes)
+            await self.workflows.taken_in(wf_ids)
+        finally:
+            self.taking_in.difference_update(wf_ids)
 
     async def _submit_child(self, env: Envelope) -> None:
         spec = WorkflowSpec.model_validate(env.payload["workflow"])
@@ -127,7 +132,8 @@ class Coordinator(Service):
             raise Transient(f"redis: {exc}") from exc
 
     async def _sweep_intake(self) -> None:
-        wf_ids = await self.workflows.unscheduled(older_than_s=INTAKE_SWEEP_S)
+        # A slow intake of ours is no reason to send its roots twice.
+        wf_ids = [w for w in await self.workflows.unscheduled(older_than_s=INTAKE_SWEEP_S) if w not in self.taking_in]
         if wf_ids:
             log.info("taking in %d workflows that were never announced", len(wf_ids))
             await self.take_in(wf_ids)
