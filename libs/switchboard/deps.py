@@ -52,64 +52,78 @@ _PROBE = "job-id-probe"  # a valid RQ job id that cannot occur in RQ's key prefi
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")
 
 
-# KEYS: the deferred registry. ARGV: RQ's key layout (as below), the TTL, now, then per job: its id, the
-# length of its hash's field/value list and that list (Job.to_dict), the number of its parents and their ids.
-# What Job.save + Job.register_dependency would write, with EXPIREs; a job that exists keeps its status.
-_REGISTER = """
-local deferred = KEYS[1]
+# Both scripts take ARGV[1..6]: RQ's key layout as read off RQ (the job key prefix, the dependents key's prefix
+# and suffix, the dependencies key's prefix and suffix), and the prefix of our "unmet" sets. A deferred job's
+# unmet set holds the parents not known to be FINISHED: while it is not empty, RQ's rule cannot be satisfied,
+# so a release skips the rule, which reads every parent's status. That keeps a fan-in of n parents at O(n)
+# work in all, not O(n^2). An unmet set that is lost only means the rule is evaluated: it is a shortcut,
+# never the judge.
+_PRELUDE = """
 local job_prefix, dependents_prefix, dependents_suffix = ARGV[1], ARGV[2], ARGV[3]
-local dependencies_prefix, dependencies_suffix = ARGV[4], ARGV[5]
-local ttl, now = tonumber(ARGV[6]), tonumber(ARGV[7])
+local dependencies_prefix, dependencies_suffix, unmet_prefix = ARGV[4], ARGV[5], ARGV[6]
 local function job_key(id) return job_prefix .. id end
 local function dependents_key(id) return dependents_prefix .. id .. dependents_suffix end
 local function dependencies_key(id) return dependencies_prefix .. id .. dependencies_suffix end
+local function unmet_key(id) return unmet_prefix .. id end
+-- A hash without "data" is a fragment (a write that straddled a Redis restart): missing.
+local function exists(id) return redis.call('HEXISTS', job_key(id), 'data') == 1 end
+"""
 
-local i = 8
+# KEYS: the deferred registry. ARGV[7..8]: the TTL, now; then per job: its id, the length of its hash's
+# field/value list and that list (Job.to_dict), the number of its parents and their ids. Writes what Job.save
+# and Job.register_dependency would write, with EXPIREs; a job that exists keeps its status. Jobs first, then
+# their links, so that every parent of the batch exists when its children's unmet sets are filled.
+_REGISTER = _PRELUDE + """
+local deferred = KEYS[1]
+local ttl, now = tonumber(ARGV[7]), tonumber(ARGV[8])
+local jobs = {}
+local i = 9
 while i <= #ARGV do
   local id, n_fields = ARGV[i], tonumber(ARGV[i + 1])
   local n_parents = tonumber(ARGV[i + 2 + n_fields])
-  local key, status = job_key(id), false
-  -- A hash without "data" is a fragment (a write that straddled a Redis restart): missing.
-  if redis.call('HEXISTS', key, 'data') == 1 then
-    status = redis.call('HGET', key, 'status')
+  local job = {id = id, status = false, first_parent = i + 3 + n_fields, n_parents = n_parents}
+  if exists(id) then
+    job.status = redis.call('HGET', job_key(id), 'status')
   else
-    redis.call('HSET', key, unpack(ARGV, i + 2, i + 1 + n_fields))
+    redis.call('HSET', job_key(id), unpack(ARGV, i + 2, i + 1 + n_fields))
   end
-  if n_parents > 0 and (not status or status == '%(deferred)s') then
+  jobs[#jobs + 1] = job
+  i = job.first_parent + n_parents
+end
+for _, job in ipairs(jobs) do
+  local id = job.id
+  if job.n_parents > 0 and (not job.status or job.status == '%(deferred)s') then
     redis.call('ZADD', deferred, now, id)
-    for j = i + 3 + n_fields, i + 2 + n_fields + n_parents do
-      redis.call('SADD', dependents_key(ARGV[j]), id)
-      redis.call('EXPIRE', dependents_key(ARGV[j]), ttl)
-      redis.call('SADD', dependencies_key(id), ARGV[j])
+    for j = job.first_parent, job.first_parent + job.n_parents - 1 do
+      local parent = ARGV[j]
+      redis.call('SADD', dependents_key(parent), id)
+      redis.call('EXPIRE', dependents_key(parent), ttl)
+      redis.call('SADD', dependencies_key(id), parent)
+      local status = redis.call('HGET', job_key(parent), 'status')
+      if status and status ~= '%(finished)s' then redis.call('SADD', unmet_key(id), parent) end
     end
+    redis.call('EXPIRE', unmet_key(id), ttl)
   end
-  redis.call('EXPIRE', key, ttl)
+  redis.call('EXPIRE', job_key(id), ttl)
   redis.call('EXPIRE', dependents_key(id), ttl)
   redis.call('EXPIRE', dependencies_key(id), ttl)
-  i = i + 3 + n_fields + n_parents
 end
 redis.call('ZREMRANGEBYSCORE', deferred, '-inf', now - ttl)
 redis.call('EXPIRE', deferred, ttl)
-""" % {"deferred": JobStatus.DEFERRED.value}
+""" % {"deferred": JobStatus.DEFERRED.value, "finished": JobStatus.FINISHED.value}
 
-# KEYS: the deferred and ready registries. ARGV: the job key prefix, the dependents key's prefix and suffix,
-# the dependencies key's prefix and suffix (RQ's key layout, read off RQ), then the ids of the succeeded jobs.
-# Returns, per id, the ids it made ready, or 0 if the job does not exist.
-_RELEASE = """
+# KEYS: the deferred and ready registries. ARGV[7..]: the ids of the succeeded jobs. Returns, per id, the
+# ids it made ready, or 0 if the job does not exist.
+_RELEASE = _PRELUDE + """
 local deferred, ready_registry = KEYS[1], KEYS[2]
-local job_prefix, dependents_prefix, dependents_suffix = ARGV[1], ARGV[2], ARGV[3]
-local dependencies_prefix, dependencies_suffix = ARGV[4], ARGV[5]
-local function job_key(id) return job_prefix .. id end
-local function dependents_key(id) return dependents_prefix .. id .. dependents_suffix end
-local function dependencies_key(id) return dependencies_prefix .. id .. dependencies_suffix end
-local function exists(id) return redis.call('HEXISTS', job_key(id), 'data') == 1 end
 local function leave_parents(id, parents)
   redis.call('ZREM', deferred, id)
+  redis.call('DEL', unmet_key(id))
   for _, parent in ipairs(parents) do redis.call('SREM', dependents_key(parent), id) end
 end
 
 local out = {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   local id = ARGV[i]
   if not exists(id) then
     out[#out + 1] = 0
@@ -119,12 +133,13 @@ for i = 6, #ARGV do
     leave_parents(id, redis.call('SMEMBERS', dependencies_key(id)))
     local ready = {}
     for _, child in ipairs(redis.call('SMEMBERS', dependents_key(id))) do
-      local met = exists(child) and redis.call('HGET', job_key(child), 'status') ~= '%(canceled)s'
-      local parents = redis.call('SMEMBERS', dependencies_key(child))
-      for _, parent in ipairs(parents) do
-        if not met then break end
+      redis.call('SREM', unmet_key(child), id)
+      local met = redis.call('SCARD', unmet_key(child)) == 0 and exists(child)
+        and redis.call('HGET', job_key(child), 'status') ~= '%(canceled)s'
+      local parents = met and redis.call('SMEMBERS', dependencies_key(child)) or {}
+      for _, parent in ipairs(parents) do  -- RQ's rule: every dependency FINISHED (or gone)
         local status = redis.call('HGET', job_key(parent), 'status')
-        met = (not status) or status == '%(finished)s'
+        if status and status ~= '%(finished)s' then met = false; break end
       end
       if met then
         ready[#ready + 1] = child
@@ -185,7 +200,7 @@ class DependencyGraph:
         self._register_script = redis.register_script(_REGISTER)
         self._release_script = redis.register_script(_RELEASE)
         self._key_parts = [Job.key_for(""), *Job.dependents_key_for(_PROBE).split(_PROBE),
-                           *Job(_PROBE, connection=redis).dependencies_key.split(_PROBE)]
+                           *Job(_PROBE, connection=redis).dependencies_key.split(_PROBE), f"{namespace}:deps:unmet:"]
 
     def job_id(self, workflow_id: str, task_id: str) -> str:
         """The RQ job id of a task: namespace, workflow and task, escaped and joined by "__"."""
@@ -276,5 +291,5 @@ class DependencyGraph:
             tx.zrem(self.deferred.key, *ids)
             tx.zrem(self.ready.key, *ids)
             for job in jobs:
-                tx.delete(job.key, job.dependents_key, job.dependencies_key)
+                tx.delete(job.key, job.dependents_key, job.dependencies_key, self._key_parts[-1] + job.id)
             tx.execute()
