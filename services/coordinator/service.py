@@ -51,8 +51,8 @@ class Coordinator(Service):
         self.rebuild_task: asyncio.Task | None = None
         self.rebuild_again = False
         self.taking_in: set[str] = set()  # workflows whose intake is under way in this process
-        # One thread for RQ: releases of siblings that share a child would otherwise contend on RQ's
-        # optimistic locks (WATCH) and retry; in one thread they run back to back instead.
+        # The dependency engine is synchronous (RQ's own client); one thread keeps it off the event loop,
+        # and its calls in order.
         self.rq_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rq")
         await self._check_redis()
         await self.consume(self.bus.topology.coordinator, self.handle, prefetch=64)
@@ -83,7 +83,8 @@ class Coordinator(Service):
         try:
             graphs, out = await self.workflows.start(wf_ids, redelivered=redelivered)
             # Before any root is published, so no parent can finish before its dependents are registered.
-            await self._redis(self.graph.register_many, graphs)
+            if graphs:
+                await self._redis(self.graph.register_many, graphs)
             await out.publish(self.bus, self.routes)
             await self.workflows.taken_in(wf_ids)
         finally:
