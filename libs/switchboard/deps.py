@@ -17,7 +17,8 @@ Both run as Lua scripts on RQ's keys (RQ ships scripts of its own the same way, 
 RQ's Python engine costs about eight round trips and 1.2-2 ms of CPU per release (WATCH, SMEMBERS, a Job
 restore per dependent...) and 1.5 ms per registered workflow, which made the coordinator the bottleneck of a
 DAG; the scripts take one round trip for a whole batch. The tests run them side by side with RQ's own engine
-on random DAGs and require the same keys and the same answers.
+on random DAGs and require the same keys (next to one set of our own per waiting job, see _PRELUDE) and the
+same answers.
 
 Exactly-once hand-out: the script is atomic, so releases, even concurrent ones from several processes, happen
 one after the other. One invariant on top of RQ's: a job sits in its parents' dependents sets only while it
