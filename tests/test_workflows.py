@@ -8,7 +8,7 @@ import random
 import example_agents
 from switchboard import Agent
 from switchboard.protocol import Envelope, MessageType
-from tests.harness import wait_for
+from tests.harness import Platform, wait_for
 
 
 async def start_examples(platform):
@@ -31,6 +31,23 @@ async def test_fan_out_fan_in_results_flow_to_dependents(platform):
     assert set(c["inputs"]) == {"b0", "b1", "b2"}
     assert c["inputs"]["b2"] == {"payload": {"i": 2}, "inputs": {"a": {"payload": {"n": 1}, "inputs": {}}}}
     assert view["result"] == {"c": c}  # the workflow's result: its leaves' results
+
+
+async def test_big_payloads_and_results_on_a_store_with_limited_values(settings):
+    """FoundationDB takes at most 100,000 bytes per value; the store chunks larger ones. The whole platform
+    on SQLite with values limited to 10 kB: 200 kB payloads go in and 200 kB results flow to dependents."""
+    platform = Platform(settings.model_copy(update={"store_url": settings.store_url + "?max_value_bytes=10000"}))
+    try:
+        await platform.start()
+        await start_examples(platform)
+        blob = "x" * 200_000
+        spec = {"tasks": [{"id": "a", "capability": "echo", "payload": {"blob": blob}},
+                          {"id": "b", "capability": "echo", "depends_on": ["a"]}]}
+        view = await platform.wait(await platform.submit(spec))
+        assert view["status"] == "succeeded", view
+        assert view["result"]["b"]["inputs"]["a"]["payload"]["blob"] == blob
+    finally:
+        await platform.close()
 
 
 async def test_random_dag_of_200_runs_each_task_once_after_its_parents(platform):

@@ -3,6 +3,10 @@
 Logic is written as plain synchronous functions of a Transaction, like FoundationDB's @transactional:
 `await store.transact(fn, *args)` runs `fn(tr, *args)` off the event loop, commits, and retries the
 whole function on a conflict. So `fn` must have no side effects other than on `tr`.
+
+Values may be of any size on every backend: one whose own values are limited (FoundationDB: 100,000
+bytes) wraps its transactions in ChunkedValues. Keys beginning with byte 0xfe are reserved for it; the
+keys of the tuple layer (`pack`) never begin with it.
 """
 
 from __future__ import annotations
@@ -49,6 +53,66 @@ class Transaction(abc.ABC):
 
     @abc.abstractmethod
     def clear_range(self, begin: bytes, end: bytes) -> None: ...
+
+
+_CHUNKS = b"\xfe"  # chunk keys: 0xfe + pack((key, index)), a space of their own
+_INLINE, _CHUNKED = 0, 1
+
+
+class ChunkedValues(Transaction):
+    """Values of any size over a transaction that only takes values of up to `limit` bytes.
+
+    Every value gets a one-byte header. A small value follows it inline; a large one is cut into chunks
+    stored under 0xfe + pack((key, i)), and the header gives their count. Packing the key as a tuple
+    element keeps each key's chunks apart from every other key's, and in the same order as the keys, so a
+    range of keys maps to one range of chunks.
+    """
+
+    def __init__(self, tr: Transaction, limit: int):
+        self._tr, self._limit = tr, limit
+
+    @staticmethod
+    def _chunk_range(begin: bytes, end: bytes) -> tuple[bytes, bytes]:
+        return _CHUNKS + fdb.tuple.pack((begin,)), _CHUNKS + fdb.tuple.pack((end,))
+
+    def _chunks_of(self, key: bytes) -> tuple[bytes, bytes]:
+        span = fdb.tuple.range((key,))
+        return _CHUNKS + span.start, _CHUNKS + span.stop
+
+    def _decode(self, key: bytes, stored: bytes) -> bytes:
+        if stored[0] == _INLINE:
+            return stored[1:]
+        count = int.from_bytes(stored[1:5], "big")
+        chunks = self._tr.get_range(*self._chunks_of(key), limit=count)
+        if len(chunks) != count:
+            raise RuntimeError(f"value of key {key!r}: {len(chunks)} of its {count} chunks found")
+        return b"".join(value for _, value in chunks)
+
+    def get(self, key: bytes) -> bytes | None:
+        stored = self._tr.get(key)
+        return None if stored is None else self._decode(key, stored)
+
+    def set(self, key: bytes, value: bytes) -> None:
+        self._tr.clear_range(*self._chunks_of(key))  # a blind write; no read of what was there
+        if len(value) < self._limit:
+            self._tr.set(key, bytes([_INLINE]) + value)
+            return
+        count = -(-len(value) // self._limit)
+        for i in range(count):
+            self._tr.set(_CHUNKS + fdb.tuple.pack((key, i)), value[i * self._limit:(i + 1) * self._limit])
+        self._tr.set(key, bytes([_CHUNKED]) + count.to_bytes(4, "big"))
+
+    def clear(self, key: bytes) -> None:
+        self._tr.clear(key)
+        self._tr.clear_range(*self._chunks_of(key))
+
+    def get_range(self, begin, end, *, limit=0, reverse=False):
+        return [(key, self._decode(key, stored))
+                for key, stored in self._tr.get_range(begin, end, limit=limit, reverse=reverse)]
+
+    def clear_range(self, begin: bytes, end: bytes) -> None:
+        self._tr.clear_range(begin, end)
+        self._tr.clear_range(*self._chunk_range(begin, end))
 
 
 class Store(abc.ABC):

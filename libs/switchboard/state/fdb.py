@@ -3,8 +3,9 @@
 `transact` is the official bindings' @fdb.transactional retry loop (run fn, commit, on an FDBError let
 `tr.on_error(e).wait()` back off and reset, or re-raise if the error is not retryable), bounded and run
 in a worker thread because the bindings block on `.wait()`. `fdb` (and so libfdb_c) is imported on first
-use, never at import or construction. FoundationDB's own limits apply: keys <= 10,000 bytes, values
-<= 100,000 bytes, a transaction <= 10 MB and 5 s. As with @fdb.transactional, `commit_unknown_result` is
+use, never at import or construction. FoundationDB's own limits apply: keys <= 10,000 bytes, a
+transaction <= 10 MB and 5 s; values are not limited, because larger ones than _VALUE_LIMIT are stored
+in chunks (state.base.ChunkedValues; FoundationDB takes at most 100,000 bytes per value). As with @fdb.transactional, `commit_unknown_result` is
 retried, so in rare cases fn's writes are applied by an attempt whose predecessor had in fact committed.
 """
 
@@ -14,12 +15,13 @@ import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from switchboard.state.base import Store, StoreUnavailable, Transaction
+from switchboard.state.base import ChunkedValues, Store, StoreUnavailable, Transaction
 
 API_VERSION = 710  # supported by the 7.1, 7.3 and 8.0 client libraries
 _MAX_TRIES = 50
 _TIMEOUT_MS = 30_000  # whole transaction, across retries (API >= 610 keeps it across on_error)
 _TRANSACTION_TIMED_OUT = 1031
+_VALUE_LIMIT = 90_000  # below FoundationDB's 100,000 bytes, with room for ChunkedValues' header
 
 _api_lock = threading.Lock()
 
@@ -74,7 +76,7 @@ class FdbStore(Store):
         tr.options.set_timeout(_TIMEOUT_MS)
         for _ in range(_MAX_TRIES):
             try:
-                result = fn(FdbTransaction(tr), *args, **kwargs)
+                result = fn(ChunkedValues(FdbTransaction(tr), _VALUE_LIMIT), *args, **kwargs)
                 tr.commit().wait()
                 return result
             except fdb.FDBError as exc:

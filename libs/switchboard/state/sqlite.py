@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from switchboard.state.base import Store, StoreUnavailable, Transaction
+from switchboard.state.base import ChunkedValues, Store, StoreUnavailable, Transaction
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
 _MAX_TRIES = 10
@@ -54,8 +54,11 @@ class SqliteTransaction(Transaction):
 
 
 class SqliteStore(Store):
-    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL"):
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL", max_value_bytes: int | None = None):
+        """max_value_bytes: store larger values in chunks, as the FoundationDB backend must (SQLite itself
+        needs no limit; the contract tests use it to run the chunking on SQLite)."""
         self.path = Path(path)
+        self._max_value_bytes = max_value_bytes
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._synchronous = synchronous
         # One thread owns the connection: sqlite3 connections are not shared across threads, and one
@@ -98,7 +101,10 @@ class SqliteStore(Store):
                 _backoff(attempt)
                 continue
             try:
-                result = fn(SqliteTransaction(db), *args, **kwargs)
+                tr = SqliteTransaction(db)
+                if self._max_value_bytes:
+                    tr = ChunkedValues(tr, self._max_value_bytes)
+                result = fn(tr, *args, **kwargs)
                 db.execute("COMMIT")
                 return result
             except BaseException:
