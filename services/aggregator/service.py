@@ -24,9 +24,23 @@ from switchboard.workflows import WorkflowStore
 log = logging.getLogger(__name__)
 
 BATCH_MAX = 256
+# A batch is one store transaction, and FoundationDB commits at most 10 MB in one: results are up to
+# max_payload_bytes each, so a batch also stops at this many bytes of messages.
+BATCH_BYTES = 4_000_000
 PREFETCH = 1024
 SUSPECT_REFRESH_S = 1.0
 _OUTCOMES = {MessageType.STATUS, MessageType.RESULT, MessageType.ERROR}
+
+
+def batch_length(sizes: list[int]) -> int:
+    """How many of the outcomes waiting (their sizes in bytes) the next batch takes: at least one, and
+    no more than fit in BATCH_BYTES."""
+    total = 0
+    for n, size in enumerate(sizes):
+        total += size
+        if n and total > BATCH_BYTES:
+            return n
+    return len(sizes)
 
 
 class Aggregator(Service):
@@ -42,7 +56,7 @@ class Aggregator(Service):
         # Breakers that may be counting failures: only for these is a success worth a Redis write.
         self.suspect: set[str] = set()
         self.announced: dict[str, float | None] = {}  # agent breaker → the opening it was told about
-        self.pending: list[tuple[Envelope, asyncio.Future]] = []
+        self.pending: list[tuple[Envelope, asyncio.Future, int]] = []  # outcome, its handler's wait, its size
         self.wakeup = asyncio.Event()
         self.background(self._write_loop())
         self.every(SUSPECT_REFRESH_S, self._refresh_suspects, "breaker refresh")
@@ -52,7 +66,7 @@ class Aggregator(Service):
         if env.type not in _OUTCOMES or not env.workflow_id or not env.task_id:
             raise ValueError(f"not a task outcome: type={env.type.value} subject={env.subject!r}")
         done = asyncio.get_running_loop().create_future()
-        self.pending.append((env, done))
+        self.pending.append((env, done, len(message.body)))
         self.wakeup.set()
         await done  # the bus acks when this returns: after the commit and the follow-ups
 
@@ -61,7 +75,8 @@ class Aggregator(Service):
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.pending:
-                batch, self.pending = self.pending[:BATCH_MAX], self.pending[BATCH_MAX:]
+                n = batch_length([size for _, _, size in self.pending[:BATCH_MAX]])
+                batch, self.pending = [(env, done) for env, done, _ in self.pending[:n]], self.pending[n:]
                 try:
                     outcomes = await self._commit(batch)
                     if outcomes:
