@@ -98,6 +98,15 @@ async def test_a_workflow_that_waits_on_nothing_is_queued_by_the_api_once(api_on
     assert view["status"] == "running" and view["tasks"][0]["status"] == "queued"
 
 
+async def test_an_overlong_idempotency_key_is_refused(api_only):
+    response = await api_only.client.post("/v1/workflows", json=VALID, headers={"Idempotency-Key": "k" * 257})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert "idempotency-key" in response.json()["error"]["message"].lower()
+    assert (await api_only.client.get("/v1/workflows")).json()["workflows"] == []
+    assert await published(api_only) == 0
+
+
 async def test_mutating_calls_need_the_token_reads_do_not(api_only):
     client = api_only.client
     del client.headers["Authorization"]

@@ -48,6 +48,10 @@ class BodyLimit:
         await self.app(scope, receive, send)
 
 
+# Kept short: it becomes part of a store key (FoundationDB keys are at most 10,000 bytes).
+IdempotencyKey = Annotated[str | None, Header(max_length=256)]
+
+
 def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
     body: dict = {"code": code, "message": message}
     if details is not None:
@@ -159,17 +163,17 @@ def create_app(service: Api) -> FastAPI:
         return ids, started
 
     @app.post("/v1/workflows", status_code=202, dependencies=mutating)
-    async def submit_workflow(spec: WorkflowSpec, idempotency_key: Annotated[str | None, Header()] = None):
+    async def submit_workflow(spec: WorkflowSpec, idempotency_key: IdempotencyKey = None):
         [wf_id], started = await submit([spec], idempotency_key)
         return {"workflow_id": wf_id, "status": "running" if started else "pending", "tasks": len(spec.tasks)}
 
     @app.post("/v1/workflows/batch", status_code=202, dependencies=mutating)
-    async def submit_workflows(batch: WorkflowBatch, idempotency_key: Annotated[str | None, Header()] = None):
+    async def submit_workflows(batch: WorkflowBatch, idempotency_key: IdempotencyKey = None):
         ids, _ = await submit(batch.workflows, idempotency_key)
         return {"workflow_ids": ids}
 
     @app.post("/v1/tasks", status_code=202, dependencies=mutating)
-    async def submit_task(task: TaskSubmission, idempotency_key: Annotated[str | None, Header()] = None):
+    async def submit_task(task: TaskSubmission, idempotency_key: IdempotencyKey = None):
         spec = WorkflowSpec(tasks=[task.model_dump()])
         [wf_id], _ = await submit([spec], idempotency_key)
         return {"workflow_id": wf_id, "task_id": task.id}
