@@ -23,7 +23,6 @@ import pytest
 import switchboard.state
 from switchboard.state import Store, open_store, pack, prefix_range, unpack
 from switchboard.state.base import ChunkedValues
-from switchboard.state.fdb import FdbStore
 from switchboard.state.sqlite import SqliteStore
 
 # The directory holding the `switchboard` package under test: child processes import the same code.

@@ -38,7 +38,6 @@ import time
 from collections.abc import Iterable
 
 import redis
-from redis.exceptions import WatchError
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.queue import Queue
@@ -200,8 +199,9 @@ class DependencyGraph:
         self._ns = _escape(namespace) + _SEP
         self._register_script = redis.register_script(_REGISTER)
         self._release_script = redis.register_script(_RELEASE)
+        self._unmet_prefix = f"{namespace}:deps:unmet:"
         self._key_parts = [Job.key_for(""), *Job.dependents_key_for(_PROBE).split(_PROBE),
-                           *Job(_PROBE, connection=redis).dependencies_key.split(_PROBE), f"{namespace}:deps:unmet:"]
+                           *Job(_PROBE, connection=redis).dependencies_key.split(_PROBE), self._unmet_prefix]
 
     def job_id(self, workflow_id: str, task_id: str) -> str:
         """The RQ job id of a task: namespace, workflow and task, escaped and joined by "__"."""
@@ -292,5 +292,5 @@ class DependencyGraph:
             tx.zrem(self.deferred.key, *ids)
             tx.zrem(self.ready.key, *ids)
             for job in jobs:
-                tx.delete(job.key, job.dependents_key, job.dependencies_key, self._key_parts[-1] + job.id)
+                tx.delete(job.key, job.dependents_key, job.dependencies_key, self._unmet_prefix + job.id)
             tx.execute()

@@ -75,7 +75,8 @@ class ChunkedValues(Transaction):
     def _chunk_range(begin: bytes, end: bytes) -> tuple[bytes, bytes]:
         return _CHUNKS + fdb.tuple.pack((begin,)), _CHUNKS + fdb.tuple.pack((end,))
 
-    def _chunks_of(self, key: bytes) -> tuple[bytes, bytes]:
+    @staticmethod
+    def _chunks_of(key: bytes) -> tuple[bytes, bytes]:
         span = fdb.tuple.range((key,))
         return _CHUNKS + span.start, _CHUNKS + span.stop
 

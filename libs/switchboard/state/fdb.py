@@ -4,9 +4,10 @@
 `tr.on_error(e).wait()` back off and reset, or re-raise if the error is not retryable), bounded and run
 in a worker thread because the bindings block on `.wait()`. `fdb` (and so libfdb_c) is imported on first
 use, never at import or construction. FoundationDB's own limits apply: keys <= 10,000 bytes, a
-transaction <= 10 MB and 5 s; values are not limited, because larger ones than _VALUE_LIMIT are stored
-in chunks (state.base.ChunkedValues; FoundationDB takes at most 100,000 bytes per value). As with @fdb.transactional, `commit_unknown_result` is
-retried, so in rare cases fn's writes are applied by an attempt whose predecessor had in fact committed.
+transaction <= 10 MB and 5 s. Values are not limited: FoundationDB takes at most 100,000 bytes per value,
+so larger ones than _VALUE_LIMIT are stored in chunks (state.base.ChunkedValues). As with
+@fdb.transactional, `commit_unknown_result` is retried, so in rare cases fn's writes are applied by an
+attempt whose predecessor had in fact committed.
 """
 
 from __future__ import annotations
