@@ -14,9 +14,9 @@ SQLite store and ports of their own, then measures, through the public REST API:
   4. memory     peak RSS of every process (VmRSS sampled every 100 ms, and the kernel's VmHWM)
 
 and the CPU seconds every process (and the local RabbitMQ and Redis) spent on each workload. The bench
-sees work finish on the aggregator's counter switchboard_task_outcomes_total{outcome="result"} (its
-/metrics), then pages GET /v1/workflows?status=succeeded until every workflow is listed (the counter
-can run ahead: a task run twice is counted twice), and checks a sample in detail.
+sees work finish on the aggregator's counter switchboard_tasks_finished_total{outcome="succeeded"} (its
+/metrics), then pages GET /v1/workflows?status=succeeded until every workflow is listed, and checks a
+sample in detail.
 Then the platform is stopped and Celery runs the same workloads (bench/celery_baseline/run.py) on the
 same machine. Prints a table with the ratio Switchboard/Celery and writes bench/results.json.
 """
@@ -60,8 +60,9 @@ TARGET_P50_MS = 5.0
 TARGET_P99_MS = 25.0
 TARGET_RSS_MB = 150.0
 
-_RESULT_LINE = re.compile(r'^switchboard_task_outcomes_total\{outcome="(\w+)"\}\s+(\S+)$', re.MULTILINE)
-_AGENT_RUNS = re.compile(r'^switchboard_agent_tasks_total\{[^}]*\}\s+(\S+)$', re.MULTILINE)
+_RESULT_LINE = re.compile(r'^switchboard_tasks_finished_total\{capability="[^"]*",outcome="(\w+)"\}\s+(\S+)$',
+                          re.MULTILINE)
+_AGENT_RUNS = re.compile(r'^switchboard_tasks_started_total\{[^}]*\}\s+(\S+)$', re.MULTILINE)
 JSON_HEADERS = {"content-type": "application/json"}
 
 
@@ -336,7 +337,10 @@ class Outcomes:
 
     async def read(self) -> dict[str, int]:
         text = (await self.client.get(self.url, timeout=5)).text
-        return {outcome: int(float(value)) for outcome, value in _RESULT_LINE.findall(text)}
+        counts: dict[str, int] = {}
+        for outcome, value in _RESULT_LINE.findall(text):  # summed over capabilities
+            counts[outcome] = counts.get(outcome, 0) + int(float(value))
+        return counts
 
     async def agent_runs(self) -> int:
         """Handler runs the agent counted (every outcome): more than the tasks if some ran twice."""
@@ -350,7 +354,7 @@ class Outcomes:
         while True:
             counts = await self.read()
             now = time.monotonic()
-            if counts.get("result", 0) >= target:
+            if counts.get("succeeded", 0) >= target:
                 return now
             if now > deadline:
                 raise RuntimeError(f"{what}: {counts} after {timeout:.0f}s, waiting for {target} results")
@@ -446,7 +450,7 @@ def dag_spec() -> dict:
 
 async def warm_up(client: httpx.AsyncClient, outcomes: Outcomes) -> None:
     """A few of each workload, so connections, queues and routes exist before anything is timed."""
-    base = (await outcomes.read()).get("result", 0)
+    base = (await outcomes.read()).get("succeeded", 0)
     ids = await post_batches(client, [noop_spec() for _ in range(20)] + [dag_spec() for _ in range(5)], 25, 1)
     for _ in range(5):
         response = await client.post("/v1/tasks", content=b'{"capability":"stamp"}', headers=JSON_HEADERS)
@@ -459,7 +463,7 @@ async def warm_up(client: httpx.AsyncClient, outcomes: Outcomes) -> None:
 
 async def bench_batch_workload(client, outcomes, specs: list[dict], tasks_each: int, batch: int,
                                parallel: int, what: str) -> dict:
-    base = (await outcomes.read()).get("result", 0)
+    base = (await outcomes.read()).get("succeeded", 0)
     runs_before = await outcomes.agent_runs()
     cpu_before = cpu_seconds(outcomes.cpu_pids)
     n_tasks = len(specs) * tasks_each
@@ -549,7 +553,7 @@ class KeepAliveClient:
 
 
 async def bench_latency(client, outcomes, m: int, rate: float, dump: Path | None = None) -> dict:
-    base = (await outcomes.read()).get("result", 0)
+    base = (await outcomes.read()).get("succeeded", 0)
     cpu_before = cpu_seconds(outcomes.cpu_pids)
     body = b'{"capability":"stamp"}'
     submitted: list[float] = [0.0] * m

@@ -73,7 +73,7 @@ async def test_each_service_in_its_own_process(processes, settings):
         view = (await client.get(f"{api}/v1/workflows/{wf_id}", params={"wait": 60})).json()
         assert view["status"] == "succeeded", view
         metrics = (await client.get(f"http://127.0.0.1:{ports['aggregator']}/metrics")).text
-        assert 'switchboard_task_outcomes_total{outcome="result"}' in metrics
+        assert 'switchboard_tasks_finished_total{capability="plan",outcome="succeeded"} 1.0' in metrics
 
     for proc in procs.values():
         proc.send_signal(signal.SIGTERM)

@@ -18,6 +18,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from switchboard import telemetry
+from switchboard.telemetry import Consumed, Published
 from switchboard.protocol import Envelope
 from switchboard.settings import Settings
 from switchboard.state.base import StoreUnavailable
@@ -85,19 +86,28 @@ class Consumer:
             self._in_flight.discard(task)
 
     async def _process(self, queue: str, message: AbstractIncomingMessage) -> None:
+        kind = self._bus.topology.kind(queue)
         if self._raw:
-            return await self._process_raw(queue, message)
+            outcome = await self._process_raw(queue, kind, message)
+        else:
+            outcome = await self._process_envelope(queue, kind, message)
+        telemetry.emit("message.consumed", kind=kind, outcome=outcome)
+
+    async def _process_envelope(self, queue: str, kind: str, message: AbstractIncomingMessage) -> str:
+        """Handles one message and settles it; returns how: ok, requeued or dead_lettered."""
         try:
             envelope = Envelope.decode(message.body)
         except ValueError as exc:
             await self._bus.dead_letter(message, f"unparseable message: {_first_line(exc)}", queue)
             await message.ack()
-            telemetry.MESSAGES.labels(queue, "dead_lettered").inc()
-            return
+            return "dead_lettered"
+        headers = message.headers or {}
+        envelope.traceparent = _text(headers.get("traceparent"))
         try:
-            await self._handler(envelope, message)
+            await telemetry.consuming(Consumed(queue, kind, headers, envelope),
+                                      functools.partial(self._handler, envelope, message))
         except TRANSIENT as exc:
-            await self._requeue(queue, message, exc)
+            return await self._requeue(queue, message, exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -108,13 +118,12 @@ class Consumer:
                 return await self._requeue(queue, message, down)
             if not message.processed:
                 await message.ack()
-            telemetry.MESSAGES.labels(queue, "dead_lettered").inc()
-        else:
-            if not message.processed:
-                await message.ack()
-            telemetry.MESSAGES.labels(queue, "ok").inc()
+            return "dead_lettered"
+        if not message.processed:
+            await message.ack()
+        return "ok"
 
-    async def _requeue(self, queue: str, message: AbstractIncomingMessage, exc: BaseException) -> None:
+    async def _requeue(self, queue: str, message: AbstractIncomingMessage, exc: BaseException) -> str:
         log.warning("requeueing message from %s: %s", queue, exc)
         await asyncio.sleep(_TRANSIENT_PAUSE_S)
         try:
@@ -122,21 +131,21 @@ class Consumer:
                 await message.nack(requeue=True)
         except TRANSIENT:
             pass  # the channel is gone, and with it the delivery: the broker requeues it by itself
-        telemetry.MESSAGES.labels(queue, "requeued").inc()
+        return "requeued"
 
-    async def _process_raw(self, queue: str, message: AbstractIncomingMessage) -> None:
+    async def _process_raw(self, queue: str, kind: str, message: AbstractIncomingMessage) -> str:
         # Dead letters themselves: nowhere further to dead-letter them, so a failure is logged and dropped.
         try:
-            await self._handler(message)
+            await telemetry.consuming(Consumed(queue, kind, message.headers or {}),
+                                      functools.partial(self._handler, message))
         except TRANSIENT as exc:
-            await self._requeue(queue, message, exc)
+            return await self._requeue(queue, message, exc)
         except Exception:
             log.exception("dropping message from %s that cannot be processed", queue)
             await message.reject()
-            telemetry.MESSAGES.labels(queue, "dropped").inc()
-        else:
-            await message.ack()
-            telemetry.MESSAGES.labels(queue, "ok").inc()
+            return "dropped"
+        await message.ack()
+        return "ok"
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
         """Stop taking messages and let in-flight handlers finish; past the deadline they are cancelled
@@ -169,6 +178,7 @@ class Bus:
             ),
             timeout_s,
         )
+        self.connection.reconnect_callbacks.add(_count_reconnect)
         self._channel = await self.connection.channel(publisher_confirms=True)
         await self.topology.declare(self._channel)
 
@@ -199,19 +209,26 @@ class Bus:
         self, envelope: Envelope, routing_key: str, *, exchange: str = "", headers: dict | None = None
     ) -> None:
         """Returns once the broker has confirmed the message: after that it survives a broker restart."""
-        message = aio_pika.Message(
-            envelope.encode(),
-            content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            priority=envelope.priority.amqp,
-            message_id=envelope.message_id,
-            type=envelope.type.value,
-            correlation_id=envelope.correlation_id,
-            reply_to=envelope.reply_to,
-            headers=headers or {},
-        )
-        target = await self._exchange(exchange)
-        await target.publish(message, routing_key=routing_key)
+        await self._send(envelope.encode(), routing_key, exchange, headers or {}, envelope, {
+            "content_type": "application/json", "priority": envelope.priority.amqp,
+            "message_id": envelope.message_id, "type": envelope.type.value,
+            "correlation_id": envelope.correlation_id, "reply_to": envelope.reply_to})
+
+    async def _send(self, body: bytes, routing_key: str, exchange: str, headers: dict, envelope: Envelope | None,
+                    properties: dict) -> None:
+        """Every publish goes through here, and so through the telemetry seam."""
+        destination = exchange or routing_key
+        kind = self.topology.kind(destination)
+        outgoing = Published(destination, kind, headers, envelope)
+
+        async def send() -> None:
+            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                       headers=outgoing.headers, **properties)
+            target = await self._exchange(exchange)
+            await target.publish(message, routing_key=routing_key)
+
+        await telemetry.publishing(outgoing, send)
+        telemetry.emit("message.published", kind=kind)
 
     async def publish_delayed(self, envelope: Envelope, routing_key: str, delay_s: float) -> None:
         """Delivers to `routing_key` after `delay_s`: the wait happens in RabbitMQ, not in a process."""
@@ -222,8 +239,7 @@ class Bus:
         await self.publish(envelope, queue)
 
     async def publish_raw(self, body: bytes, routing_key: str) -> None:
-        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-        await self._channel.default_exchange.publish(message, routing_key=routing_key)
+        await self._send(body, routing_key, "", {}, None, {})
 
     async def publish_many(self, messages: list[tuple[Envelope, str]]) -> None:
         """Publishes concurrently, so a batch waits for a few rounds of confirms rather than one per
@@ -239,15 +255,8 @@ class Bus:
         headers = dict(message.headers or {})
         headers[REASON_HEADER] = reason[:1000]
         headers[QUEUE_HEADER] = queue
-        copy = aio_pika.Message(
-            message.body[: self.settings.max_payload_bytes * 4],
-            headers=headers,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=message.message_id,
-            content_type=message.content_type,
-        )
-        target = await self._exchange(self.topology.dlx)
-        await target.publish(copy, routing_key=queue)
+        await self._send(message.body[: self.settings.max_payload_bytes * 4], queue, self.topology.dlx, headers,
+                         None, {"message_id": message.message_id, "content_type": message.content_type})
 
     async def consume(self, queues: str | list[str], handler: Handler, *, prefetch: int, raw: bool = False,
                       arguments: dict | None = None, paused: bool = False) -> Consumer:
@@ -277,6 +286,14 @@ class Bus:
         consumer = Consumer(self, channel, [amqp_queue], handler)
         await consumer.start()
         return consumer
+
+
+def _count_reconnect(*_) -> None:
+    telemetry.emit("amqp.reconnected")
+
+
+def _text(value) -> str | None:
+    return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 
 def _first_line(exc: BaseException) -> str:

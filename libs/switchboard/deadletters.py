@@ -3,7 +3,8 @@
 Three kinds arrive: a task whose attempts are exhausted (written by the aggregator in the transaction
 that fails the task), a task no live agent took in time, and a message that could not be parsed or
 handled (both through the dead-letter queue, written by the dlq-replayer).
-Keys: (ns, "dlq", id) → record; ids sort by arrival.
+Keys: (ns, "dlq", id) → record; ids sort by arrival. (ns, "dlq_dead", reason class, id) → b"" indexes the
+records not yet replayed by the class of their reason, so counting them reads no record.
 """
 
 from __future__ import annotations
@@ -41,8 +42,38 @@ def make_record(*, reason: str, queue: str, body: bytes | None = None, envelope:
     }
 
 
+REASONS = ("attempts_exhausted", "non_retryable", "undeliverable", "unparseable", "rejected", "expired", "other")
+COUNT_LIMIT = 100_000  # dead letters counted per reason class, at most
+
+
+def reason_class(reason: str) -> str:
+    """The few kinds of reason, for metrics: the reason itself is free text."""
+    text = reason.lower()
+    for prefix, kind in (("attempts exhausted", "attempts_exhausted"), ("non-retryable", "non_retryable"),
+                         ("no live agent", "undeliverable"), ("unparseable", "unparseable"),
+                         ("expired", "expired"), ("maxlen", "expired"), ("delivery_limit", "expired"),
+                         ("rejected", "rejected")):
+        if text.startswith(prefix):
+            return kind
+    # The bus dead-letters what a handler refused as "<ExceptionType>: <message>".
+    head = reason.split(":", 1)[0]
+    return "rejected" if head.isidentifier() and ":" in reason else "other"
+
+
+def _dead_key(ns: str, record: dict) -> bytes:
+    return pack(ns, "dlq_dead", reason_class(record["reason"]), record["id"])
+
+
 def put(tr: Transaction, ns: str, record: dict) -> None:
     tr.set(pack(ns, "dlq", record["id"]), orjson.dumps(record))
+    if record["status"] == "dead":
+        tr.set(_dead_key(ns, record), b"")
+
+
+def mark_replayed(tr: Transaction, ns: str, record: dict, at: float) -> None:
+    record.update(status="replayed", replayed_at=at)
+    tr.set(pack(ns, "dlq", record["id"]), orjson.dumps(record))
+    tr.clear(_dead_key(ns, record))
 
 
 def matches(record: dict, filters: dict) -> bool:
@@ -98,9 +129,20 @@ class DeadLetters:
     async def delete(self, dl_id: str) -> bool:
         def txn(tr: Transaction) -> bool:
             key = pack(self.ns, "dlq", dl_id)
-            if tr.get(key) is None:
+            raw = tr.get(key)
+            if raw is None:
                 return False
             tr.clear(key)
+            tr.clear(_dead_key(self.ns, orjson.loads(raw)))
             return True
 
         return await self.store.transact(txn)
+
+    async def count_dead(self) -> dict[str, int]:
+        """Dead letters not replayed, by reason class."""
+
+        def txn(tr: Transaction) -> dict[str, int]:
+            return {kind: len(tr.get_range(*prefix_range(self.ns, "dlq_dead", kind), limit=COUNT_LIMIT))
+                    for kind in REASONS}
+
+        return await self.store.read(txn)

@@ -281,6 +281,10 @@ class DependencyGraph:
             for prefix, ready in zip(prefixes, out)
         ]
 
+    def pending(self) -> int:
+        """Jobs still deferred: tasks waiting for their parents."""
+        return self.deferred.get_job_count(cleanup=False)
+
     def forget(self, workflow_id: str, task_ids: Iterable[str]) -> None:
         """Delete every RQ key and registry entry of these tasks of the workflow, in one round trip."""
         prefix = self._prefix(workflow_id)

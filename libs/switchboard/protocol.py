@@ -73,6 +73,8 @@ class Envelope(BaseModel):
     attempt: int = 0
     correlation_id: str | None = None
     reply_to: str | None = None
+    # The W3C traceparent of what caused this message. It travels in the AMQP headers, never in the body.
+    traceparent: str | None = Field(None, exclude=True)
 
     def encode(self) -> bytes:
         return orjson.dumps(self.model_dump(mode="json", exclude_defaults=True))

@@ -16,6 +16,7 @@ from aio_pika.exceptions import AMQPError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from switchboard import telemetry
+from switchboard.telemetry import logs, tracing
 from switchboard.bus import Bus, Consumer
 from switchboard.routing import REFRESH_S, Routes
 from switchboard.settings import Settings
@@ -206,9 +207,14 @@ async def _start_with_retry(service: Service, stopping: asyncio.Event) -> None:
 
 
 def run(*services: Service) -> None:
-    telemetry.setup_logging(services[0].name if len(services) == 1 else "agents", services[0].settings.log_level)
-    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve(*services))
+    name = services[0].name if len(services) == 1 else "agents"
+    logs.setup_logging(name, services[0].settings.log_level)
+    tracing.configure(name)
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(serve(*services))
+    finally:
+        telemetry.close()
 
 
 def _loop_factory():

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import os
 import socket
@@ -33,6 +34,7 @@ from switchboard import runtime, telemetry
 from switchboard.bus import Consumer
 from switchboard.protocol import Envelope, MessageType, WorkflowSpec, validate_workflow
 from switchboard.settings import Settings, get_settings
+from switchboard.telemetry import TaskRun
 
 log = logging.getLogger(__name__)
 
@@ -196,44 +198,50 @@ class Agent(runtime.Service):
     async def _run_task(self, env: Envelope) -> None:
         if env.payload.get("epoch", 0) <= self._cancelled.get(env.workflow_id, -1):
             return  # its workflow was cancelled (a replay starts a new epoch, which does run)
-        capability = env.payload.get("capability", "")
-        results = self.bus.topology.results
+        run = TaskRun(env, env.payload.get("capability", ""), self.name)
+        await telemetry.running(run, functools.partial(self._run, run))
+
+    async def _run(self, run: TaskRun) -> None:
+        """Runs the handler and publishes its result or error; run.outcome says which it was."""
+        env, capability = run.envelope, run.capability
         handler = self.handlers.get(capability)
         key = (env.workflow_id, env.task_id)
-        began, started_at = time.perf_counter(), time.time()
-        outcome = "succeeded"
+        started_at = time.time()
         if handler is None:
             reply = self._error(env, "UnknownCapability", f"agent {self.name} does not serve {capability!r}", False)
-            outcome = "failed"
+            run.outcome = "failed"
         else:
-            run = asyncio.create_task(handler(TaskContext(self, env)))
-            self._running[key] = run
-            announcing = asyncio.create_task(self._announce_start(env, run, started_at))
+            telemetry.emit("task.started", capability=capability, priority=env.priority.value, agent=self.name,
+                           queue_wait_s=started_at - env.timestamp)
+            task = asyncio.create_task(handler(TaskContext(self, env)))
+            self._running[key] = task
+            announcing = asyncio.create_task(self._announce_start(env, task, started_at))
             try:
                 async with asyncio.timeout(env.timeout_s):
-                    result = await run
+                    result = await task
                 reply = self._result(env, result)
             except TimeoutError:
-                reply, outcome = self._error(env, "TimeoutError", f"timed out after {env.timeout_s}s", True), "timeout"
+                reply = self._error(env, "TimeoutError", f"timed out after {env.timeout_s}s", True)
+                run.outcome = "timed_out"
             except asyncio.CancelledError:
                 if asyncio.current_task().cancelling():
                     raise  # we are shutting down: the message is requeued
-                telemetry.TASKS_RUN.labels(capability, "cancelled").inc()
+                run.outcome = "cancelled"
                 return  # the workflow was cancelled: nothing to report
             except TaskError as exc:
-                reply, outcome = self._error(env, type(exc).__name__, str(exc), exc.retryable), "failed"
+                reply, run.outcome = self._error(env, type(exc).__name__, str(exc), exc.retryable), "failed"
             except Exception as exc:
                 log.exception("handler for %s failed", capability)
-                reply, outcome = self._error(env, type(exc).__name__, str(exc), True), "failed"
+                reply, run.outcome = self._error(env, type(exc).__name__, str(exc), True), "failed"
             finally:
                 self._running.pop(key, None)
                 if not getattr(announcing, "publishing", False):
                     announcing.cancel()
                 await asyncio.gather(announcing, return_exceptions=True)  # "started" goes out first
-        telemetry.TASKS_RUN.labels(capability, outcome).inc()
-        telemetry.TASK_SECONDS.labels(capability).observe(time.perf_counter() - began)
+        if reply.type == MessageType.ERROR and run.outcome == "succeeded":
+            run.outcome = "failed"  # the result itself was refused (too large, not serializable)
         reply.payload["started_at"] = started_at
-        await self.bus.publish(reply, results)
+        await self.bus.publish(reply, self.bus.topology.results)
 
     async def _announce_start(self, env: Envelope, run: asyncio.Task, started_at: float) -> None:
         """Reports "running" for a task still going after STARTED_AFTER_S (which also starts the

@@ -13,6 +13,7 @@ Flow:  api ──workflow.submitted──▶ coordinator ──ready task──�
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import aio_pika
@@ -76,6 +77,11 @@ class Topology:
     def delay_queue(self, target: str, delay_ms: int) -> str:
         return f"{target}.delay.{delay_ms}"
 
+    def kind(self, name: str) -> str:
+        """What a queue or exchange is for, without the ids in its name: dispatch, cap, agent, hold, paused,
+        results, delay, control, reply, dlq, coordinator, registry, replay or events (the metrics' label)."""
+        return _kind(self.namespace, name)
+
     def _arguments(self, *, priority: bool) -> dict:
         arguments: dict = {"x-dead-letter-exchange": self.dlx}
         if priority:
@@ -115,3 +121,18 @@ class Topology:
             "x-message-ttl": delay_ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target,
             "x-expires": delay_ms + 60_000, "x-max-priority": MAX_PRIORITY})
         return name
+
+
+_KINDS = {"dispatch": "dispatch", "cap": "cap", "agent": "agent", "hold": "hold", "paused": "paused",
+          "results": "results", "coordinator": "coordinator", "registry": "registry", "replay": "replay",
+          "dlq": "dlq", "dlx": "dlq", "control": "control", "events": "events", "reply": "reply"}
+
+
+@functools.lru_cache(maxsize=4096)  # bounded: reply queues' names are new with every agent process
+def _kind(namespace: str, name: str) -> str:
+    head, _, rest = name.removeprefix(f"{namespace}.").partition(".")
+    if not name.startswith(f"{namespace}."):
+        return "control" if name.startswith("amq.") else "other"  # a private queue bound to the control fanout
+    if head == "dispatch" and rest:
+        return "delay"  # <ns>.dispatch.delay.<ms>
+    return _KINDS.get(head, "other")

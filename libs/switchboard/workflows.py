@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 TERMINAL_TASK = {"succeeded", "failed", "cancelled"}
 TERMINAL_WORKFLOW = {"succeeded", "failed", "cancelled"}
 _MIN_DELAY_S = 0.05  # shorter retry delays are not worth a trip through a delay queue
+CENSUS_LIMIT = 5_000  # workflows counted by a census, of each status
 _RELEASES_PER_MESSAGE = 512  # succeeded tasks per "tasks.succeeded" message: one dependency round trip each
 
 
@@ -56,16 +57,25 @@ class FollowUps:
 
     dispatch: list[Envelope] = field(default_factory=list)  # ready tasks → dispatcher
     delayed: list[tuple[Envelope, float]] = field(default_factory=list)  # retries, after a backoff
-    succeeded: list[tuple[str, str]] = field(default_factory=list)  # (workflow, task) → dependency release
+    # (workflow, task, traceparent of the recording) → dependency release
+    succeeded: list[tuple[str, str, str | None]] = field(default_factory=list)
     replies: list[tuple[Envelope, str]] = field(default_factory=list)  # child workflow done → its parent
     control: list[Envelope] = field(default_factory=list)  # broadcasts (cancel)
     raw: list[tuple[bytes, str]] = field(default_factory=list)  # replayed dead letters → their queue
     # Not messages: (capability, agent, succeeded) of each attempt that ended, for the circuit breakers.
     outcomes: list[tuple[str, str, bool]] = field(default_factory=list)
+    # Not messages either: domain events for the telemetry seam, emitted once the transaction committed.
+    events: list[tuple[str, dict]] = field(default_factory=list)
 
     def extend(self, other: FollowUps) -> None:
         for name in self.__dataclass_fields__:
             getattr(self, name).extend(getattr(other, name))
+
+    def caused_by(self, traceparent: str | None) -> None:
+        """Every message here continues the trace of what caused them (one recorded outcome)."""
+        if traceparent:
+            for env in [*self.dispatch, *(e for e, _ in self.delayed), *(e for e, _ in self.replies), *self.control]:
+                env.traceparent = traceparent
 
     async def publish(self, bus: Bus, routes: Routes | None = None) -> None:
         """With routes, a ready task whose capability can take it now skips the dispatcher."""
@@ -79,7 +89,6 @@ class FollowUps:
                 queue = topology.capability_queue(capability)
                 await bus.ensure_work_queue(queue)
                 ready.append((env, queue))
-                telemetry.TASKS_DISPATCHED.labels("direct").inc()
         releases = [
             (Envelope(type=MessageType.EVENT, subject="tasks.succeeded", source=bus.source,
                       payload={"tasks": self.succeeded[i:i + _RELEASES_PER_MESSAGE]}), topology.coordinator)
@@ -92,6 +101,8 @@ class FollowUps:
             await bus.publish_raw(body, queue)
         for env in self.control:
             await bus.broadcast(env)
+        for env in self.dispatch:
+            telemetry.emit("task.queued", capability=env.payload["capability"], priority=env.priority.value)
 
 
 def spec_digest(spec: WorkflowSpec) -> str:
@@ -179,7 +190,8 @@ class WorkflowStore:
 
     # ---- intake -----------------------------------------------------------------------------------
     def _create(self, tr: Transaction, spec: WorkflowSpec, idempotency_key: str | None,
-                parent: dict | None, reply_to: str | None, correlation_id: str | None) -> tuple[str, bool]:
+                parent: dict | None, reply_to: str | None, correlation_id: str | None,
+                traceparent: str | None) -> tuple[str, bool]:
         """Stores a new workflow, pending; returns its id and True, or the known one's id and False."""
         digest = spec_digest(spec)
         if idempotency_key:
@@ -204,7 +216,7 @@ class WorkflowStore:
             "id": wf_id, "name": spec.name, "status": "pending", "created_at": now, "updated_at": now,
             "task_ids": [t.id for t in spec.tasks], "remaining": len(spec.tasks), "parent": parent,
             "reply_to": reply_to, "correlation_id": correlation_id, "idempotency_key": idempotency_key,
-            "epoch": 0,
+            "epoch": 0, "traceparent": traceparent,
         }
         tr.set(self._wf_key(wf_id), orjson.dumps(wf))
         tr.set(self._status_key("pending", wf_id), b"")
@@ -233,22 +245,31 @@ class WorkflowStore:
         publishes the follow-ups and then calls taken_in() for them; a coordinator takes in the others),
         and the follow-ups."""
 
+        traceparent = telemetry.traceparent()
+
         def txn(tr: Transaction):
             ids, started, out = [], [], FollowUps()
             for i, spec in enumerate(specs):
                 key = idempotency_key if len(specs) == 1 else (idempotency_key and f"{idempotency_key}#{i}")
-                wf_id, new = self._create(tr, spec, key, None, None, None)
+                wf_id, new = self._create(tr, spec, key, None, None, None, traceparent)
                 ids.append(wf_id)
-                if new and not any(t.depends_on for t in spec.tasks):
-                    self._take_up(tr, wf_id, out, {})
-                    started.append(wf_id)
+                if new:
+                    out.events += _submitted(spec)
+                    if not any(t.depends_on for t in spec.tasks):
+                        self._take_up(tr, wf_id, out, {})
+                        started.append(wf_id)
             return ids, started, out
 
-        return await self.store.transact(txn)
+        ids, started, out = await self.store.transact(txn)
+        telemetry.emit_all(out.events)
+        return ids, started, out
 
     async def create_child(self, spec: WorkflowSpec, idempotency_key: str, parent: dict, reply_to: str,
                            correlation_id: str) -> str:
-        wf_id, _ = await self.store.transact(self._create, spec, idempotency_key, parent, reply_to, correlation_id)
+        wf_id, new = await self.store.transact(self._create, spec, idempotency_key, parent, reply_to, correlation_id,
+                                               telemetry.traceparent())
+        if new:
+            telemetry.emit_all(_submitted(spec))
         return wf_id
 
     async def unscheduled(self, older_than_s: float, limit: int = 100) -> list[str]:
@@ -322,7 +343,7 @@ class WorkflowStore:
         return Envelope(
             type=MessageType.TASK, source=self.source, target=task.get("agent") or task["capability"],
             priority=Priority(task["priority"]), workflow_id=wf["id"], task_id=task["id"], attempt=attempt,
-            timeout_s=task["timeout_s"],
+            timeout_s=task["timeout_s"], traceparent=wf.get("traceparent"),
             payload={"capability": task["capability"], "agent": task.get("agent"), "epoch": wf.get("epoch", 0),
                      "payload": task["payload"], "inputs": inputs},
         )
@@ -407,9 +428,20 @@ class WorkflowStore:
                 out.extend(self._apply(tr, env))
             return out
 
-        return await self.store.transact(txn)
+        return await self._commit(txn)
+
+    async def _commit(self, txn) -> FollowUps:
+        """Runs a transaction that returns follow-ups; their events are emitted once it has committed."""
+        out = await self.store.transact(txn)
+        telemetry.emit_all(out.events)
+        return out
 
     def _apply(self, tr: Transaction, env: Envelope, *, dead_letter_reason: str | None = None) -> FollowUps:
+        out = self._apply_outcome(tr, env, dead_letter_reason)
+        out.caused_by(env.traceparent)
+        return out
+
+    def _apply_outcome(self, tr: Transaction, env: Envelope, dead_letter_reason: str | None) -> FollowUps:
         out = FollowUps()
         wf_raw = tr.get(self._wf_key(env.workflow_id or ""))
         task_raw = tr.get(self._task_key(env.workflow_id or "", env.task_id or ""))
@@ -430,7 +462,7 @@ class WorkflowStore:
                 # The same outcome redelivered (we may have died before publishing what it caused):
                 # nothing changes, but its follow-ups are sent again; receivers ignore duplicates.
                 if task["status"] == "succeeded":
-                    out.succeeded += self._succeeded(wf_id, task)
+                    out.succeeded += self._succeeded(wf_id, task, env.traceparent)
                 if wf["status"] in TERMINAL_WORKFLOW:
                     out.replies += self._reply(wf)
             return out
@@ -441,12 +473,14 @@ class WorkflowStore:
             task.update(status="succeeded", result=env.payload.get("result"), finished_at=now, error=None,
                         reason=None, ran_on=env.source)
             out.outcomes.append((task["capability"], env.source, True))
+            out.events.append(_finished(task, "succeeded"))
             self._write_task(tr, wf_id, task)
-            out.succeeded += self._succeeded(wf_id, task)
+            out.succeeded += self._succeeded(wf_id, task, env.traceparent)
             wf["remaining"] -= 1
             if wf["remaining"] <= 0 and wf["status"] not in TERMINAL_WORKFLOW:
                 result = {t["id"]: t["result"] for t in self._tasks(tr, wf_id) if not t["children"]}
                 self._set_wf_status(tr, wf, "succeeded", result=result, error=None)
+                out.events.append(_workflow_finished(wf))
                 out.replies += self._reply(wf)
             else:
                 self._write_wf(tr, wf)
@@ -463,7 +497,9 @@ class WorkflowStore:
         task["error"] = error
         if error.get("retryable", True) and not dead_letter_reason:
             out.outcomes.append((task["capability"], task["ran_on"] or env.source, False))
+        timed_out = error.get("type") in ("TimeoutError", "DeadlineExceeded")
         if error.get("retryable", True) and env.attempt < task["max_attempts"] and not dead_letter_reason:
+            out.events.append(_finished(task, "timed_out" if timed_out else "retried"))
             delay = backoff_s(task["retry"], env.attempt)
             task.update(status="queued", queued_at=now,
                         reason=f"retry {env.attempt + 1} of {task['max_attempts']} after {delay:.1f}s: "
@@ -472,6 +508,8 @@ class WorkflowStore:
             out.delayed.append((self._task_message(wf, task, self._inputs(tr, wf_id, task), env.attempt + 1), delay))
             return out
         task.update(status="failed", finished_at=now)
+        out.events.append(_finished(task, "dead_lettered" if dead_letter_reason else "timed_out" if timed_out
+                                    else "failed"))
         self._write_task(tr, wf_id, task)
         reason = dead_letter_reason or (f"attempts exhausted ({task['attempts']} of {task['max_attempts']})"
                                         if error.get("retryable", True) else "non-retryable error")
@@ -482,8 +520,8 @@ class WorkflowStore:
         return out
 
     @staticmethod
-    def _succeeded(wf_id: str, task: dict) -> list[tuple[str, str]]:
-        return [(wf_id, task["id"])] if task["children"] else []
+    def _succeeded(wf_id: str, task: dict, traceparent: str | None) -> list[tuple[str, str, str | None]]:
+        return [(wf_id, task["id"], traceparent)] if task["children"] else []
 
     def _fail_workflow(self, tr: Transaction, wf: dict, error: str, status: str = "failed") -> FollowUps:
         """Fails (or cancels) the workflow and cancels every task that has not finished."""
@@ -496,7 +534,9 @@ class WorkflowStore:
                 self._clear_deadline(tr, wf["id"], task)
                 task.update(status="cancelled", finished_at=now, reason=f"workflow {status}")
                 self._write_task(tr, wf["id"], task)
+                out.events.append(_finished(task, "cancelled"))
         self._set_wf_status(tr, wf, status, error=error)
+        out.events.append(_workflow_finished(wf))
         out.control.append(Envelope(type=MessageType.CONTROL, subject="cancel", source=self.source,
                                     workflow_id=wf["id"], payload={"epoch": wf.get("epoch", 0)}))
         out.replies += self._reply(wf)
@@ -529,12 +569,12 @@ class WorkflowStore:
                 out.extend(self._apply(tr, overdue))
             return out
 
-        return await self.store.transact(txn)
+        return await self._commit(txn)
 
     async def dead_letter_task(self, env: Envelope, reason: str) -> FollowUps:
         """A task message the broker dead-lettered (no agent took it in time): it fails, with its reason."""
         failure = Envelope(type=MessageType.ERROR, source="dlq-replayer", workflow_id=env.workflow_id,
-                           task_id=env.task_id, attempt=env.attempt,
+                           task_id=env.task_id, attempt=env.attempt, traceparent=env.traceparent,
                            payload={"error": {"type": "Undeliverable", "message": reason, "retryable": False}})
 
         def txn(tr: Transaction) -> FollowUps:
@@ -546,7 +586,7 @@ class WorkflowStore:
                     self._write_task(tr, env.workflow_id, task)
             return self._apply(tr, failure, dead_letter_reason=reason)
 
-        return await self.store.transact(txn)
+        return await self._commit(txn)
 
     async def note_waiting(self, wf_id: str, task_id: str, reason: str) -> None:
         """Records why a queued task is not running yet (shown as its `reason`)."""
@@ -568,7 +608,9 @@ class WorkflowStore:
             out = self._fail_workflow(tr, wf, "cancelled by request", status="cancelled")
             return workflow_view(wf, self._tasks(tr, wf_id)), out
 
-        return await self.store.transact(txn)
+        view, out = await self.store.transact(txn)
+        telemetry.emit_all(out.events)
+        return view, out
 
     # ---- replay ----------------------------------------------------------------------------------
     async def replay(self, dl_id: str) -> FollowUps:
@@ -585,8 +627,8 @@ class WorkflowStore:
             record = orjson.loads(raw)
             if record["status"] != "dead":
                 raise NotReplayable(f"dead letter {dl_id!r} was replayed already")
-            record.update(status="replayed", replayed_at=time.time())
-            tr.set(key, orjson.dumps(record))
+            deadletters.mark_replayed(tr, self.ns, record, time.time())
+            out.events.append(("dead_letter.replayed", {}))
             envelope = record.get("envelope") or {}
             if envelope.get("type") == MessageType.TASK.value and record.get("workflow_id"):
                 out.extend(self._resume(tr, record["workflow_id"], record["task_id"]))
@@ -597,7 +639,7 @@ class WorkflowStore:
                 raise NotReplayable(f"dead letter {dl_id!r} names no queue to replay it to")
             return out
 
-        return await self.store.transact(txn)
+        return await self._commit(txn)
 
     def _resume(self, tr: Transaction, wf_id: str, task_id: str) -> FollowUps:
         wf = self._read_wf(tr, wf_id)
@@ -625,6 +667,28 @@ class WorkflowStore:
 
         return await self.store.read(txn)
 
+    async def census(self, limit: int = CENSUS_LIMIT) -> tuple[int, dict[str, int]]:
+        """Workflows pending or running, and the queued tasks of running ones by priority. Each count stops
+        at `limit` workflows (the tasks at 10 × limit), so one read stays small on any backend."""
+
+        def txn(tr: Transaction) -> tuple[int, dict[str, int]]:
+            running = [unpack(k)[-1] for k, _ in tr.get_range(*prefix_range(self.ns, "status", "running"), limit=limit)]
+            pending = tr.get_range(*prefix_range(self.ns, "status", "pending"), limit=limit)
+            queued: dict[str, int] = {}
+            budget = 10 * limit
+            for wf_id in running:
+                tasks = tr.get_range(*prefix_range(self.ns, "task", wf_id), limit=budget)
+                budget -= len(tasks)
+                for _, raw in tasks:
+                    task = orjson.loads(raw)
+                    if task["status"] == "queued":
+                        queued[task["priority"]] = queued.get(task["priority"], 0) + 1
+                if budget <= 0:
+                    break
+            return len(running) + len(pending), queued
+
+        return await self.store.read(txn)
+
     async def list(self, status: str | None, limit: int, after: str | None) -> list[dict]:
         """Newest first; `after` is the last workflow id of the previous page."""
 
@@ -645,6 +709,18 @@ class WorkflowStore:
                     for wf in wfs]
 
         return await self.store.read(txn)
+
+
+def _submitted(spec: WorkflowSpec) -> list[tuple[str, dict]]:
+    return [("task.submitted", {"capability": t.capability, "priority": t.priority.value}) for t in spec.tasks]
+
+
+def _finished(task: dict, outcome: str) -> tuple[str, dict]:
+    return "task.finished", {"capability": task["capability"], "outcome": outcome}
+
+
+def _workflow_finished(wf: dict) -> tuple[str, dict]:
+    return "workflow.finished", {"status": wf["status"], "duration_s": wf["finished_at"] - wf["created_at"]}
 
 
 def _by_workflow(tasks: list[tuple[str, str]]) -> dict[str, list[str]]:

@@ -10,6 +10,7 @@ Outcomes then feed the circuit breakers; an agent whose breaker opens is told to
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import redis
@@ -19,6 +20,7 @@ from switchboard.breakers import Breakers
 from switchboard.bus import TRANSIENT, Transient
 from switchboard.protocol import Envelope, MessageType
 from switchboard.runtime import Service
+from switchboard.telemetry import Batch
 from switchboard.workflows import WorkflowStore
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,7 @@ class Aggregator(Service):
         # Breakers that may be counting failures: only for these is a success worth a Redis write.
         self.suspect: set[str] = set()
         self.announced: dict[str, float | None] = {}  # agent breaker → the opening it was told about
+        self.breaker_states: dict[str, str] = {}  # as last seen here, to count transitions
         self.pending: list[tuple[Envelope, asyncio.Future, int]] = []  # outcome, its handler's wait, its size
         self.wakeup = asyncio.Event()
         self.background(self._write_loop())
@@ -78,7 +81,8 @@ class Aggregator(Service):
                 n = batch_length([size for _, _, size in self.pending[:BATCH_MAX]])
                 batch, self.pending = [(env, done) for env, done, _ in self.pending[:n]], self.pending[n:]
                 try:
-                    outcomes = await self._commit(batch)
+                    outcomes = await telemetry.batching(Batch("record", [env for env, _ in batch]),
+                                                        functools.partial(self._commit, batch))
                     if outcomes:
                         await self._feed_breakers(outcomes)
                 except Exception:  # the loop must outlive any batch: waiting handlers depend on it
@@ -103,11 +107,9 @@ class Aggregator(Service):
                 return []
             # Find the one message that cannot be applied; the rest go through.
             return [o for item in batch for o in await self._commit([item])]
-        for env, done in batch:
+        for _, done in batch:
             if not done.done():
                 done.set_result(None)
-            if env.type != MessageType.STATUS:
-                telemetry.TASK_OUTCOMES.labels(env.type.value).inc()
         return out.outcomes
 
     async def _feed_breakers(self, outcomes: list[tuple[str, str, bool]]) -> None:
@@ -126,7 +128,9 @@ class Aggregator(Service):
             log.warning("circuit breakers not updated: %s", exc)
             return
         for name, (state, opened_at) in states.items():
-            telemetry.BREAKER_OPEN.labels(name).set(1 if state == "open" else 0)
+            if self.breaker_states.get(name, "closed") != state:
+                self.breaker_states[name] = state
+                telemetry.emit("breaker.changed", breaker=name, state=state.replace("-", "_"))
             # Each opening (a failed probe re-opens it) is announced once, so the agent stands back again.
             if state == "open" and name.startswith("agent:") and self.announced.get(name) != opened_at:
                 self.announced[name] = opened_at

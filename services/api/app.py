@@ -14,8 +14,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from switchboard import telemetry
 from switchboard.protocol import Envelope, InvalidSpec, MessageType, Priority, WorkflowSpec, validate_workflow
 from switchboard.control import message as control_message
+from switchboard.telemetry import HttpRequest
 from switchboard.workflows import TERMINAL_WORKFLOW, IdempotencyConflict, NotFound, NotReplayable
 
 if TYPE_CHECKING:
@@ -46,6 +48,33 @@ class BodyLimit:
                 response = _error(413, "body_too_large", f"request body is {int(length)} bytes, the limit is {self.limit}")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class Observed:
+    """Every request through the telemetry seam: a SERVER span (joining a caller's traceparent) and the
+    request-duration histogram, labelled by route template rather than path, so ids make no series."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k == b"traceparent"}
+        request = HttpRequest(scope["method"], scope["path"], headers)
+
+        async def sending(message) -> None:
+            if message["type"] == "http.response.start":
+                request.status = message["status"]
+            await send(message)
+
+        async def call() -> None:
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                request.route = getattr(scope.get("route"), "path", None) or "unmatched"
+
+        await telemetry.serving(request, call)
 
 
 # Kept short: it becomes part of a store key (FoundationDB keys are at most 10,000 bytes).
@@ -123,6 +152,7 @@ def create_app(service: Api) -> FastAPI:
         return _error(503, "unavailable", "the service could not complete the request; retry later")
 
     app.add_middleware(BodyLimit, limit=settings.max_payload_bytes * 4 + 64 * 1024)
+    app.add_middleware(Observed)  # added last, so outermost: it also sees what BodyLimit refuses
 
     async def authenticated(authorization: Annotated[str | None, Header()] = None) -> None:
         if settings.api_token and authorization != f"Bearer {settings.api_token}":

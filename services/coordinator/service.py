@@ -13,18 +13,21 @@ announced or whose tasks were never queued (the api died in between); the watchd
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
 
+from switchboard import telemetry
 from switchboard.bus import Transient
 from switchboard.control import Controls
 from switchboard.control import message as control_message
 from switchboard.deps import DependencyGraph
 from switchboard.protocol import Envelope, InvalidSpec, WorkflowSpec, validate_workflow
 from switchboard.runtime import Service
+from switchboard.telemetry import Batch, Cause
 from switchboard.workflows import FollowUps, WorkflowStore
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 INTAKE_SWEEP_S = 5.0
 WATCHDOG_S = 1.0
 REDIS_CHECK_S = 1.0
+SAMPLE_S = 5.0
 
 
 class Coordinator(Service):
@@ -59,6 +63,7 @@ class Coordinator(Service):
         self.every(INTAKE_SWEEP_S, self._sweep_intake, "intake sweep")
         self.every(WATCHDOG_S, self._watchdog, "timeout watchdog")
         self.every(REDIS_CHECK_S, self._check_redis, "redis check")
+        self.every(SAMPLE_S, self._sample, "workflow sampling")
 
     async def teardown(self) -> None:
         self.rq_thread.shutdown(wait=False, cancel_futures=True)
@@ -69,8 +74,10 @@ class Coordinator(Service):
         elif env.subject == "workflow.submit":
             await self._submit_child(env)
         elif env.subject == "tasks.succeeded":
-            await self._release([(wf_id, task_id) for wf_id, task_id in env.payload["tasks"]],
-                                check_store=message.redelivered)
+            # [workflow, task, traceparent]; messages of older versions have no traceparent
+            causes = [Cause(wf_id, task_id, *rest[:1]) for wf_id, task_id, *rest in env.payload["tasks"]]
+            await telemetry.batching(Batch("release", causes), functools.partial(
+                self._release, causes, check_store=message.redelivered))
         elif env.subject == "control.query" and env.reply_to:
             reply = control_message(await self.controls.get(), self.name)
             reply.correlation_id = env.correlation_id
@@ -102,15 +109,19 @@ class Coordinator(Service):
         )
         await self.take_in([wf_id], redelivered=True)  # a known child may be re-asked for: answer again
 
-    async def _release(self, succeeded: list[tuple[str, str]], *, check_store: bool) -> None:
+    async def _release(self, causes: list[Cause], *, check_store: bool) -> None:
         resend_queued = check_store  # a redelivery: children we queued may never have been published
+        succeeded = [(c.workflow_id, c.task_id) for c in causes]
         answers = await self._redis(self.graph.release_many, succeeded)
         ready: dict[str, set[str]] = {}
+        released_by: dict[tuple[str, str], str | None] = {}  # a ready child → the trace of its last parent
         unknown = []
-        for (wf_id, task_id), children in zip(succeeded, answers):
-            ready.setdefault(wf_id, set()).update(children or ())
+        for cause, children in zip(causes, answers):
+            ready.setdefault(cause.workflow_id, set()).update(children or ())
+            for child in children or ():
+                released_by[cause.workflow_id, child] = cause.traceparent
             if children is None:
-                unknown.append((wf_id, task_id))
+                unknown.append((cause.workflow_id, cause.task_id))
         if unknown:
             # Redis lost RQ's data: the store knows what is ready; the rebuild restores the rest.
             log.warning("dependency data of %d succeeded tasks is gone from Redis; rebuilding", len(unknown))
@@ -124,6 +135,8 @@ class Coordinator(Service):
         ready = {wf_id: sorted(children) for wf_id, children in ready.items() if children}
         if ready:
             out = await self.workflows.release(ready, resend_queued=resend_queued)
+            for env in out.dispatch:
+                env.traceparent = released_by.get((env.workflow_id, env.task_id)) or env.traceparent
             await out.publish(self.bus, self.routes)
 
     async def _redis(self, fn, *args):
@@ -144,6 +157,12 @@ class Coordinator(Service):
         if out.dispatch or out.delayed or out.control:
             log.warning("watchdog: %d attempts overdue", len(out.outcomes))
         await out.publish(self.bus)
+
+    async def _sample(self) -> None:
+        """Workflows in flight, tasks queued by priority and tasks waiting for parents, for the metrics."""
+        in_flight, queued = await self.workflows.census()
+        pending = await self._redis(self.graph.pending)
+        telemetry.emit("workflows.sampled", in_flight=in_flight, queued=queued, dependencies_pending=pending)
 
     async def _check_redis(self) -> None:
         if await self._redis(self.redis_sync.set, self.sentinel, uuid.uuid4().hex, None, None, True):

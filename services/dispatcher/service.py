@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 
-from switchboard import telemetry
 from switchboard.bus import Consumer
 from switchboard.protocol import Envelope, MessageType
 from switchboard.routing import REFRESH_S, Routes
@@ -69,7 +68,6 @@ class Dispatcher(Service):
             await self._park(capability)
         await self.bus.ensure_work_queue(queue)
         await self.bus.publish(env, queue)
-        telemetry.TASKS_DISPATCHED.labels(route).inc()
         if reason:
             await self.workflows.note_waiting(env.workflow_id, env.task_id, reason)
 

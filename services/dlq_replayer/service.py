@@ -14,6 +14,7 @@ import logging
 
 from aio_pika.abc import AbstractIncomingMessage
 
+from switchboard import telemetry
 from switchboard.bus import QUEUE_HEADER, REASON_HEADER
 from switchboard.deadletters import FILTERS, DeadLetters, make_record
 from switchboard.protocol import Envelope, MessageType
@@ -23,6 +24,7 @@ from switchboard.workflows import NotFound, NotReplayable, WorkflowStore
 log = logging.getLogger(__name__)
 
 MAX_REPLAY_RATE = 100.0
+COUNT_S = 5.0
 
 
 class DlqReplayer(Service):
@@ -36,6 +38,10 @@ class DlqReplayer(Service):
         # Dead letters are raw messages, often not envelopes at all.
         await self.consume(self.bus.topology.dlq, self.keep, prefetch=64, raw=True)
         await self.consume(self.bus.topology.replay, self.replay, prefetch=1)
+        self.every(COUNT_S, self._count, "dead-letter count")
+
+    async def _count(self) -> None:
+        telemetry.emit("dead_letters.counted", counts=await self.dead_letters.count_dead())
 
     async def keep(self, message: AbstractIncomingMessage) -> None:
         headers = dict(message.headers or {})
@@ -47,6 +53,7 @@ class DlqReplayer(Service):
             except ValueError:
                 task = None
             if task is not None and task.type == MessageType.TASK:
+                task.traceparent = headers.get("traceparent")  # the trace of the workflow it belongs to
                 capability = task.payload.get("capability")
                 why = (f"no live agent took it within {self.settings.unroutable_after_s:g}s "
                        f"(capability {capability!r})")

@@ -62,5 +62,4 @@ class Registry(Service):
                 log.warning("agent %s lost: no heartbeat for %.1fs", agent["name"], silent)
                 await self.client.upsert(agent | {"lost_at": now})
             counts[agent["status"]] = counts.get(agent["status"], 0) + 1
-        for status, n in counts.items():
-            telemetry.AGENTS.labels(status).set(n)
+        telemetry.emit("agents.counted", counts=counts)

@@ -12,10 +12,13 @@ keys of the tuple layer (`pack`) never begin with it.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import fdb.tuple
+
+from switchboard import telemetry
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -33,6 +36,18 @@ def prefix_range(*parts: Any) -> tuple[bytes, bytes]:
     """[begin, end) of every key that extends the tuple `parts`."""
     span = fdb.tuple.range(parts)
     return span.start, span.stop
+
+
+def operation(fn: Callable) -> str:
+    """A transaction's name in metrics: the function that wrote it (WorkflowStore.record's txn: "record")."""
+    qualname = getattr(fn, "__qualname__", None) or getattr(getattr(fn, "func", None), "__qualname__", "")
+    return qualname.split(".<locals>")[0].rsplit(".", 1)[-1].strip("_") or "transaction"
+
+
+def observed(fn: Callable, began: float, conflicts: int) -> None:
+    """Reports one transaction (its time from `began`, retries included) to the telemetry seam."""
+    telemetry.emit("store.transaction", operation=operation(fn), seconds=time.perf_counter() - began,
+                   conflicts=conflicts)
 
 
 class Transaction(abc.ABC):

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
-from switchboard.state.base import ChunkedValues, Store, StoreUnavailable, Transaction
+from switchboard.state.base import ChunkedValues, Store, StoreUnavailable, Transaction, observed
 
 API_VERSION = 710  # supported by the 7.1, 7.3 and 8.0 client libraries
 _MAX_TRIES = 50
@@ -75,10 +76,12 @@ class FdbStore(Store):
         fdb = _fdb()
         tr = self._database().create_transaction()
         tr.options.set_timeout(_TIMEOUT_MS)
-        for _ in range(_MAX_TRIES):
+        began = time.perf_counter()
+        for attempt in range(_MAX_TRIES):
             try:
                 result = fn(ChunkedValues(FdbTransaction(tr), _VALUE_LIMIT), *args, **kwargs)
                 tr.commit().wait()
+                observed(fn, began, attempt)
                 return result
             except fdb.FDBError as exc:
                 last = exc

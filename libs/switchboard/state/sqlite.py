@@ -15,7 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from switchboard.state.base import ChunkedValues, Store, StoreUnavailable, Transaction
+from switchboard.state.base import ChunkedValues, Store, StoreUnavailable, Transaction, observed
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS kv (k BLOB PRIMARY KEY, v BLOB NOT NULL) WITHOUT ROWID"
 _MAX_TRIES = 10
@@ -93,6 +93,7 @@ class SqliteStore(Store):
     def _run(self, fn, args, kwargs, begin="BEGIN IMMEDIATE"):
         db = self._connection()
         last: Exception | None = None
+        began = time.perf_counter()
         for attempt in range(_MAX_TRIES):
             try:
                 db.execute(begin)
@@ -106,6 +107,7 @@ class SqliteStore(Store):
                     tr = ChunkedValues(tr, self._max_value_bytes)
                 result = fn(tr, *args, **kwargs)
                 db.execute("COMMIT")
+                observed(fn, began, attempt)
                 return result
             except BaseException:
                 if db.in_transaction:

@@ -1,0 +1,137 @@
+"""The Prometheus plug-in: every metric Switchboard exports, served on each process's /metrics.
+
+The names are a contract (dashboards, alert rules and outside tools rely on them): base units, `_total`
+on counters, and never an id as a label. Queues are labelled by kind (dispatch, cap, agent, …), breakers
+by "cap:<capability>" or "agent:<name>", dead letters by a reason class.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from switchboard.telemetry import Plugin, TaskRun, HttpRequest
+
+# 1 ms to 10 min: a cache hit and an LLM call that thinks for minutes both land in a real bucket.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+           300.0, 600.0)
+
+TASKS_SUBMITTED = Counter("switchboard_tasks_submitted_total", "Tasks accepted in submitted workflows",
+                          ["capability", "priority"])
+TASKS_STARTED = Counter("switchboard_tasks_started_total", "Task attempts an agent started", ["capability"])
+TASKS_FINISHED = Counter("switchboard_tasks_finished_total", "Task attempts that ended, by outcome (recorded "
+                         "once, in the store)", ["capability", "outcome"])
+QUEUE_WAIT = Histogram("switchboard_task_queue_wait_seconds", "From queued to started on an agent",
+                       ["capability", "priority"], buckets=BUCKETS)
+RUN_SECONDS = Histogram("switchboard_task_run_seconds", "Handler run time on the agent", ["capability"],
+                        buckets=BUCKETS)
+WORKFLOW_SECONDS = Histogram("switchboard_workflow_duration_seconds", "From submitted to finished", ["status"],
+                             buckets=BUCKETS)
+STORE_SECONDS = Histogram("switchboard_store_transaction_seconds", "State store transactions, retries included",
+                          ["operation"], buckets=BUCKETS)
+HTTP_SECONDS = Histogram("switchboard_http_request_duration_seconds", "REST API requests",
+                         ["method", "route", "status"], buckets=BUCKETS)
+WORKFLOWS_FINISHED = Counter("switchboard_workflows_finished_total", "Workflows that ended", ["status"])
+WORKFLOWS_IN_FLIGHT = Gauge("switchboard_workflows_in_flight", "Workflows pending or running (sampled from the "
+                            "store by each coordinator: take the max)")
+TASKS_QUEUED = Gauge("switchboard_tasks_queued", "Tasks queued and not yet started, by priority (sampled from "
+                     "the store by each coordinator: take the max)", ["priority"])
+DEPENDENCIES_PENDING = Gauge("switchboard_dependencies_pending", "Tasks waiting for their parents (sampled from "
+                             "the dependency engine by each coordinator: take the max)")
+AGENTS = Gauge("switchboard_agents", "Registered agents by status (each registry replica: take the max)", ["status"])
+AGENT_IN_FLIGHT = Gauge("switchboard_agent_tasks_in_flight", "Tasks this agent process is running",
+                        ["capability"])
+BREAKER_OPEN = Gauge("switchboard_breaker_open", "1 while a circuit breaker is open", ["breaker"])
+BREAKER_TRANSITIONS = Counter("switchboard_breaker_transitions_total", "Circuit breaker state changes",
+                              ["breaker", "to"])
+DEAD_LETTERS = Gauge("switchboard_dead_letters", "Dead letters not replayed, by reason (sampled from the store "
+                     "by each dlq-replayer: take the max)", ["reason"])
+DLQ_REPLAYS = Counter("switchboard_dlq_replays_total", "Dead letters replayed")
+MESSAGES_PUBLISHED = Counter("switchboard_messages_published_total", "Messages the broker confirmed",
+                             ["kind"])
+MESSAGES_CONSUMED = Counter("switchboard_messages_consumed_total", "Messages consumed and settled",
+                            ["kind", "outcome"])
+AMQP_RECONNECTS = Counter("switchboard_amqp_reconnects_total", "Broker connections restored")
+STORE_CONFLICTS = Counter("switchboard_store_conflicts_total", "State store transactions retried after a "
+                          "conflict or a busy lock")
+
+PRIORITIES = ("CRITICAL", "HIGH", "NORMAL", "LOW")
+
+
+class Metrics(Plugin):
+    def __init__(self) -> None:
+        self._reasons: set[str] = set()  # dead-letter reasons ever reported, so an emptied one reads 0
+
+    async def publish(self, message, call_next) -> Any:
+        result = await call_next()
+        MESSAGES_PUBLISHED.labels(message.kind).inc()
+        return result
+
+    async def run_task(self, run: TaskRun, call_next) -> Any:
+        gauge = AGENT_IN_FLIGHT.labels(run.capability)
+        gauge.inc()
+        began = time.perf_counter()
+        try:
+            return await call_next()
+        finally:
+            gauge.dec()
+            if run.outcome != "cancelled":
+                RUN_SECONDS.labels(run.capability).observe(time.perf_counter() - began)
+
+    async def http_request(self, request: HttpRequest, call_next) -> Any:
+        began = time.perf_counter()
+        try:
+            return await call_next()
+        finally:
+            HTTP_SECONDS.labels(request.method, request.route, str(request.status)).observe(
+                time.perf_counter() - began)
+
+    def on_task_submitted(self, capability: str, priority: str) -> None:
+        TASKS_SUBMITTED.labels(capability, priority).inc()
+
+    def on_task_started(self, capability: str, priority: str, agent: str, queue_wait_s: float) -> None:
+        TASKS_STARTED.labels(capability).inc()
+        QUEUE_WAIT.labels(capability, priority).observe(max(0.0, queue_wait_s))
+
+    def on_task_finished(self, capability: str, outcome: str) -> None:
+        TASKS_FINISHED.labels(capability, outcome).inc()
+
+    def on_workflow_finished(self, status: str, duration_s: float) -> None:
+        WORKFLOWS_FINISHED.labels(status).inc()
+        WORKFLOW_SECONDS.labels(status).observe(max(0.0, duration_s))
+
+    def on_dead_letter_replayed(self) -> None:
+        DLQ_REPLAYS.inc()
+
+    def on_breaker_changed(self, breaker: str, state: str) -> None:
+        BREAKER_OPEN.labels(breaker).set(1 if state == "open" else 0)
+        BREAKER_TRANSITIONS.labels(breaker, state).inc()
+
+    def on_message_consumed(self, kind: str, outcome: str) -> None:
+        MESSAGES_CONSUMED.labels(kind, outcome).inc()
+
+    def on_amqp_reconnected(self) -> None:
+        AMQP_RECONNECTS.inc()
+
+    def on_store_transaction(self, operation: str, seconds: float, conflicts: int) -> None:
+        STORE_SECONDS.labels(operation).observe(seconds)
+        if conflicts:
+            STORE_CONFLICTS.inc(conflicts)
+
+    def on_agents_counted(self, counts: dict[str, int]) -> None:
+        for status, n in counts.items():
+            AGENTS.labels(status).set(n)
+
+    def on_dead_letters_counted(self, counts: dict[str, int]) -> None:
+        self._reasons |= set(counts)
+        for reason in self._reasons:
+            DEAD_LETTERS.labels(reason).set(counts.get(reason, 0))
+
+    def on_workflows_sampled(self, in_flight: int, queued: dict[str, int], dependencies_pending: int) -> None:
+        WORKFLOWS_IN_FLIGHT.set(in_flight)
+        for priority in PRIORITIES:
+            TASKS_QUEUED.labels(priority).set(queued.get(priority, 0))
+        DEPENDENCIES_PENDING.set(dependencies_pending)
+
