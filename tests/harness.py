@@ -4,7 +4,10 @@ namespace of their own, and deadline-bound waiting (never a sleep as synchronisa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -151,3 +154,55 @@ async def cleanup(settings: Settings, queues: set[str], *, broker: bool = True, 
                 await client.delete(*keys)
         finally:
             await client.aclose()
+
+
+EXAMPLE_CAPABILITIES = ("echo", "sleep", "fail", "plan")
+EXAMPLE_AGENTS = ("echo-agent", "sleep-agent", "fail-agent", "planner-agent")
+
+
+@contextlib.asynccontextmanager
+async def service_processes(settings: Settings, env: dict | None = None):
+    """Every service and the example agents, each a `switchboard serve` process of its own, as in
+    production; yields ({name: process}, {name: health port}). Output is piped: read it after SIGTERM."""
+    procs: dict[str, asyncio.subprocess.Process] = {}
+    ports: dict[str, int] = {}
+    common = {**os.environ, "SWITCHBOARD_AMQP_URL": settings.amqp_url, "SWITCHBOARD_REDIS_URL": settings.redis_url,
+              "SWITCHBOARD_STORE_URL": settings.store_url, "SWITCHBOARD_NAMESPACE": settings.namespace,
+              "SWITCHBOARD_API_PORT": str(settings.api_port), "SWITCHBOARD_HEARTBEAT_INTERVAL_S": "0.2",
+              **(env or {})}
+    try:
+        for name in (*ALL_SERVICES, "agents"):
+            ports[name] = settings.api_port if name == "api" else free_port()
+            procs[name] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "switchboard.cli", "serve", name,
+                env={**common, "SWITCHBOARD_HEALTH_PORT": str(ports[name])},
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        yield procs, ports
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        topology = Topology(settings.namespace)
+        await cleanup(settings, {topology.capability_queue(c) for c in EXAMPLE_CAPABILITIES}
+                      | {topology.agent_queue(a) for a in EXAMPLE_AGENTS})
+
+
+async def wait_processes_ready(client: httpx.AsyncClient, settings: Settings, ports: dict[str, int]) -> None:
+    """Until every process answers /readyz and the example agents are registered."""
+    async def all_ready() -> bool:
+        for port in ports.values():
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code != 200:
+                    return False
+            except httpx.TransportError:
+                return False
+        return True
+
+    await wait_for(all_ready, timeout=60, what="every process ready")
+
+    async def agents_alive() -> bool:
+        agents = (await client.get(f"http://127.0.0.1:{settings.api_port}/v1/agents")).json()["agents"]
+        return {a["name"] for a in agents if a["status"] == "alive"} >= set(EXAMPLE_AGENTS)
+
+    await wait_for(agents_alive, what="example agents registered")

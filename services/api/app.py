@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from typing import TYPE_CHECKING, Annotated, Any
@@ -123,10 +124,17 @@ class WorkflowBatch(BaseModel):
     workflows: list[WorkflowSpec] = Field(min_length=1, max_length=1000)
 
 
+# Newer FastAPI traces requests by itself once a tracer provider is set; the api's telemetry goes through
+# the seam (Observed) instead, so requests are not traced twice.
+_NO_NATIVE_TELEMETRY = ({"telemetry": {"tracing": False, "metrics": False, "logs": False}}
+                        if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {})
+
+
 def create_app(service: Api) -> FastAPI:
     settings = service.settings
     app = FastAPI(title="Switchboard", version="1",
-                  description="Submit tasks and DAG workflows; agents run them by capability and priority.")
+                  description="Submit tasks and DAG workflows; agents run them by capability and priority.",
+                  **_NO_NATIVE_TELEMETRY)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
