@@ -115,9 +115,12 @@ def run_all() -> int:
     ports = {"coordinator": 8101, "dispatcher": 8102, "registry": 8103, "aggregator": 8104,
              "dlq_replayer": 8105, "agents": 8110}
     api = f"http://{settings.api_host}:{settings.api_port}"
+    host = settings.health_host
     print(f"\nSwitchboard is starting ({len(names)} processes), state in {settings.store_url}\n"
           f"  REST API     {api}/v1   (OpenAPI docs: {api}/docs)\n"
-          f"  health       " + ", ".join(f"{n} :{p}" for n, p in ports.items()) + " (/healthz /readyz /metrics)\n"
+          f"  health       " + ", ".join(f"{n} :{p}" for n, p in ports.items()) + " (/healthz /readyz)\n"
+          f"  metrics      {api}/metrics  " + "  ".join(f"http://{host}:{p}/metrics" for p in ports.values()) + "\n"
+          f"  tracing      {_tracing_status()}\n"
           f"  broker       {settings.amqp_url}\n  redis        {settings.redis_url}\n"
           f"Try `make demo` in another terminal. Ctrl-C stops everything.\n", flush=True)
     while not stopping:
@@ -144,6 +147,16 @@ def run_all() -> int:
             proc.kill()
     print("switchboard: stopped", flush=True)
     return 0
+
+
+def _tracing_status() -> str:
+    from switchboard.telemetry import tracing
+
+    if tracing.enabled():
+        where = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return f"on, OTLP to {where}" if where else f"on ({os.environ['OTEL_TRACES_EXPORTER']})"
+    return ("off; to turn it on, run with OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 "
+            "(Jaeger's OTLP/HTTP port)")
 
 
 def demo(url: str, goal: str) -> int:
