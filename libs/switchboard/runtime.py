@@ -209,7 +209,11 @@ async def _start_with_retry(service: Service, stopping: asyncio.Event) -> None:
 def run(*services: Service) -> None:
     name = services[0].name if len(services) == 1 else "agents"
     logs.setup_logging(name, services[0].settings.log_level)
-    tracing.configure(name)
+    try:
+        tracing.configure(name)
+    except ValueError as exc:  # a misconfigured OTEL_* variable: say which, once, rather than a traceback
+        log.error("tracing cannot start: %s", exc)
+        raise SystemExit(2) from None
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(serve(*services))

@@ -144,6 +144,9 @@ _listeners: dict[str, list[Callable]] = {}
 
 def install(plugin: Plugin) -> Plugin:
     """Adds a plug-in; its hooks run inside those of the plug-ins installed before it."""
+    unknown = {a for a in dir(type(plugin)) if a.startswith("on_")} - set(_METHODS)
+    if unknown:
+        raise ValueError(f"{type(plugin).__name__}: {sorted(unknown)} name no event (known: {sorted(EVENTS)})")
     _plugins.append(plugin)
     _rebuild()
     return plugin
@@ -167,9 +170,6 @@ def _rebuild() -> None:
             for name in EVENTS:
                 _listeners.setdefault(name, []).append(functools.partial(_record, plugin, name))
             continue
-        unknown = {a for a in dir(type(plugin)) if a.startswith("on_")} - set(_METHODS)
-        if unknown:
-            raise ValueError(f"{type(plugin).__name__}: {sorted(unknown)} name no event (known: {sorted(EVENTS)})")
         for method, name in _METHODS.items():
             if hasattr(plugin, method):
                 _listeners.setdefault(name, []).append(getattr(plugin, method))

@@ -26,6 +26,7 @@ from switchboard.telemetry import Batch, Call, Consumed, HttpRequest, Plugin, Pu
 
 _W3C = TraceContextTextMapPropagator()
 _MAX_LINKS = 128
+_UNTRACED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})  # probes and scrapes: a trace each would be noise
 
 
 def enabled(environ=os.environ) -> bool:
@@ -147,6 +148,8 @@ class Tracing(Plugin):
                     span.set_status(Status(StatusCode.ERROR, run.outcome))
 
     async def http_request(self, request: HttpRequest, call_next: Call) -> Any:
+        if request.path in _UNTRACED_PATHS:
+            return await call_next()
         with self.tracer.start_as_current_span(
                 request.method, context=_context(request.headers.get("traceparent")), kind=SpanKind.SERVER,
                 attributes={"http.request.method": request.method, "url.path": request.path}) as span:
