@@ -132,7 +132,8 @@ _KINDS = {"dispatch": "dispatch", "cap": "cap", "agent": "agent", "hold": "hold"
 def _kind(namespace: str, name: str) -> str:
     head, _, rest = name.removeprefix(f"{namespace}.").partition(".")
     if not name.startswith(f"{namespace}."):
-        return "control" if name.startswith("amq.") else "other"  # a private queue bound to the control fanout
+        # A private queue bound to the control fanout: named by the broker (amq.gen-…) or aio-pika (amq_…).
+        return "control" if name.startswith(("amq.", "amq_")) else "other"
     if head == "dispatch" and rest:
         return "delay"  # <ns>.dispatch.delay.<ms>
     return _KINDS.get(head, "other")

@@ -80,7 +80,7 @@ def _traceparent(span) -> str | None:
 
 
 def _destination(name: str, kind: str) -> str:
-    if kind == "reply" or name.startswith("amq."):
+    if kind == "reply" or (kind == "control" and name.startswith("amq")):
         return "(temporary)"  # a queue of one process: its name is an id
     return name.rsplit(".", 1)[0] if kind == "delay" else name
 
