@@ -116,3 +116,13 @@ async def test_a_workflow_life_as_events_and_id_free_metrics(platform, installed
     ids = {ok, bad, platform.settings.namespace, agent.reply_queue}
     leaked = {v for v in label_values if any(i in v for i in ids) or re.fullmatch(r"[0-9a-f]{26}", v)}
     assert not leaked, f"ids in metric labels: {leaked}"
+
+
+def test_metrics_can_be_asked_for_by_name():
+    from switchboard.telemetry.metrics import exposition
+
+    telemetry.emit("task.submitted", capability="named", priority="LOW")
+    text = exposition("name[]=switchboard_tasks_submitted_total").decode()
+    assert 'switchboard_tasks_submitted_total{capability="named",priority="LOW"}' in text
+    assert "switchboard_task_run_seconds" not in text and "process_cpu" not in text
+    assert "switchboard_task_run_seconds" in exposition().decode()

@@ -13,10 +13,10 @@ from typing import ClassVar
 
 import redis.asyncio as aioredis
 from aio_pika.exceptions import AMQPError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from switchboard import telemetry
-from switchboard.telemetry import logs, tracing
+from switchboard.telemetry import logs, metrics, tracing
 from switchboard.bus import Bus, Consumer
 from switchboard.routing import REFRESH_S, Routes
 from switchboard.settings import Settings
@@ -133,7 +133,7 @@ async def _health_handler(services: tuple[Service, ...], reader: asyncio.StreamR
         while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
             pass
         parts = request_line.decode("latin-1").split()
-        path = parts[1].split("?")[0] if len(parts) > 1 else "/"
+        path, _, query = (parts[1] if len(parts) > 1 else "/").partition("?")
         if path == "/healthz":
             status, body, ctype = 200, b'{"status":"ok"}', "application/json"
         elif path == "/readyz":
@@ -141,7 +141,7 @@ async def _health_handler(services: tuple[Service, ...], reader: asyncio.StreamR
             status = 200 if ready else 503
             body, ctype = (b'{"status":"ready"}' if ready else b'{"status":"starting"}'), "application/json"
         elif path == "/metrics":
-            status, body, ctype = 200, generate_latest(), CONTENT_TYPE_LATEST
+            status, body, ctype = 200, metrics.exposition(query), CONTENT_TYPE_LATEST
         else:
             status, body, ctype = 404, b'{"error":{"code":"not_found","message":"no such path"}}', "application/json"
         reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]

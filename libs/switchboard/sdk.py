@@ -243,11 +243,11 @@ class Agent(runtime.Service):
         reply.payload["started_at"] = started_at
         await self.bus.publish(reply, self.bus.topology.results)
 
-    async def _announce_start(self, env: Envelope, run: asyncio.Task, started_at: float) -> None:
+    async def _announce_start(self, env: Envelope, handling: asyncio.Task, started_at: float) -> None:
         """Reports "running" for a task still going after STARTED_AFTER_S (which also starts the
         watchdog's clock); a quicker task just carries started_at in its result: one message fewer."""
         await asyncio.sleep(STARTED_AFTER_S)
-        if run.done():
+        if handling.done():
             return
         asyncio.current_task().publishing = True
         started = Envelope(type=MessageType.STATUS, subject="started", source=self.name,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -19,6 +19,7 @@ from switchboard import telemetry
 from switchboard.protocol import Envelope, InvalidSpec, MessageType, Priority, WorkflowSpec, validate_workflow
 from switchboard.control import message as control_message
 from switchboard.telemetry import HttpRequest
+from switchboard.telemetry.metrics import exposition
 from switchboard.workflows import TERMINAL_WORKFLOW, IdempotencyConflict, NotFound, NotReplayable
 
 if TYPE_CHECKING:
@@ -342,7 +343,7 @@ def create_app(service: Api) -> FastAPI:
         return {"status": "ready"}
 
     @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(request: Request):
+        return Response(exposition(request.url.query), media_type=CONTENT_TYPE_LATEST)
 
     return app

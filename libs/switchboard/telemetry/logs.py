@@ -18,8 +18,8 @@ from opentelemetry import trace
 
 from switchboard.telemetry import Call, Consumed, Plugin, TaskRun
 
-workflow_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("workflow_id", default=None)
-task_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
+# (workflow id, task id) of the message or task being processed: one variable, so one set and reset each.
+ids: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("ids", default=(None, None))
 
 
 class LogContext(Plugin):
@@ -34,12 +34,11 @@ class LogContext(Plugin):
 
 
 async def _within(wf_id: str | None, t_id: str | None, call_next: Call) -> Any:
-    wf_token, task_token = workflow_id.set(wf_id), task_id.set(t_id)
+    token = ids.set((wf_id, t_id))
     try:
         return await call_next()
     finally:
-        workflow_id.reset(wf_token)
-        task_id.reset(task_token)
+        ids.reset(token)
 
 
 class JsonFormatter(logging.Formatter):
@@ -59,8 +58,8 @@ class JsonFormatter(logging.Formatter):
         if span.is_valid:
             line["trace_id"] = format(span.trace_id, "032x")
             line["span_id"] = format(span.span_id, "016x")
-        for key, var in (("workflow_id", workflow_id), ("task_id", task_id)):
-            value = getattr(record, key, None) or var.get()
+        for key, value in zip(("workflow_id", "task_id"), ids.get()):
+            value = getattr(record, key, None) or value
             if value:
                 line[key] = value
         if record.exc_info:
