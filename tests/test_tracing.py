@@ -157,3 +157,32 @@ async def test_log_lines_carry_trace_and_workflow_ids():
     assert line["workflow_id"] == "wf1" and line["task_id"] == "t1" and line["service"] == "agents"
     assert len(line["trace_id"]) == 32 and len(line["span_id"]) == 16
     assert "payload" not in line
+
+
+async def test_a_sampled_out_trace_is_passed_on_without_spans():
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from switchboard.telemetry.tracing import Tracing
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    plugin = telemetry.install(Tracing(provider))
+    unsampled, sampled = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00", "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+
+    async def nothing():
+        return None
+
+    try:
+        env = Envelope(type=MessageType.TASK, workflow_id="w", task_id="t", traceparent=unsampled)
+        headers: dict = {}
+        await telemetry.publishing(telemetry.Published("sb.cap.c", "cap", headers, env), nothing)
+        assert headers == {"traceparent": unsampled} and not exported.get_finished_spans()
+        env.traceparent = sampled
+        await telemetry.publishing(telemetry.Published("sb.cap.c", "cap", headers := {}, env), nothing)
+        [span] = exported.get_finished_spans()
+        assert span.name == "publish sb.cap.c" and headers["traceparent"].split("-")[1] == "ab" * 16
+    finally:
+        telemetry.uninstall(plugin)

@@ -74,6 +74,14 @@ def _context(traceparent: str | bytes | None):
     return _W3C.extract({"traceparent": traceparent}) if traceparent else None
 
 
+def _unsampled(traceparent: str | bytes | None) -> bool:
+    """A trace the sampler left out: its context is passed on as it is, and no span is made for it, so a
+    sampled-out workflow costs a header, not a span per hop (the last two hex digits are the flags)."""
+    if isinstance(traceparent, bytes):
+        traceparent = traceparent.decode("ascii", "replace")
+    return bool(traceparent) and len(traceparent) == 55 and not int(traceparent[-2:], 16) & 1
+
+
 def _traceparent(span) -> str | None:
     ctx = span.get_span_context()
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}" if ctx.is_valid else None
@@ -115,9 +123,17 @@ class Tracing(Plugin):
 
     async def publish(self, message: Published, call_next: Call) -> Any:
         env = message.envelope
-        parent = _context(env.traceparent) if env is not None else None
-        if parent is None and not trace.get_current_span().get_span_context().is_valid:
+        if env is not None and _unsampled(env.traceparent):
+            message.headers["traceparent"] = env.traceparent
             return await call_next()
+        parent = _context(env.traceparent) if env is not None else None
+        if parent is None:
+            current = trace.get_current_span()
+            if not current.get_span_context().is_valid:
+                return await call_next()
+            if not current.is_recording():
+                _W3C.inject(message.headers)
+                return await call_next()
         with self.tracer.start_as_current_span(
                 f"publish {_destination(message.destination, message.kind)}", context=parent,
                 kind=SpanKind.PRODUCER, attributes=_attributes(env, message.destination, "send")):
@@ -125,9 +141,10 @@ class Tracing(Plugin):
             return await call_next()
 
     async def consume(self, message: Consumed, call_next: Call) -> Any:
-        parent = _context(message.headers.get("traceparent"))
-        if parent is None:
-            return await call_next()
+        traceparent = message.headers.get("traceparent")
+        if not traceparent or _unsampled(traceparent):
+            return await call_next()  # the bus has put an unsampled traceparent on the envelope already
+        parent = _context(traceparent)
         env = message.envelope
         with self.tracer.start_as_current_span(
                 f"process {_destination(message.queue, message.kind)}", context=parent, kind=SpanKind.CONSUMER,
@@ -137,6 +154,8 @@ class Tracing(Plugin):
             return await call_next()
 
     async def run_task(self, run: TaskRun, call_next: Call) -> Any:
+        if _unsampled(run.envelope.traceparent):
+            return await call_next()
         with self.tracer.start_as_current_span(
                 f"run {run.capability}", attributes={**_switchboard(run.envelope), "switchboard.agent": run.agent},
                 record_exception=False, set_status_on_exception=False) as span:
@@ -163,7 +182,8 @@ class Tracing(Plugin):
                     span.set_status(Status(StatusCode.ERROR))
 
     async def batch(self, batch: Batch, call_next: Call) -> Any:
-        traced = [(item, _context(item.traceparent)) for item in batch.items if item.traceparent]
+        traced = [(item, _context(item.traceparent)) for item in batch.items
+                  if item.traceparent and not _unsampled(item.traceparent)]
         if not traced:
             return await call_next()
         links = [Link(trace.get_current_span(ctx).get_span_context()) for _, ctx in traced[:_MAX_LINKS]]
