@@ -7,6 +7,7 @@ and teardown() (stop consuming, finish in-flight work). `serve()` does the rest.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from typing import ClassVar
@@ -23,6 +24,10 @@ from switchboard.settings import Settings
 from switchboard.state import Store, open_store
 
 log = logging.getLogger(__name__)
+
+# Every message allocates a few dozen short-lived objects; CPython's default (700, 10, 10) then collects
+# hundreds of times a second under load. Fewer, larger young collections cost less in all.
+_GC_THRESHOLDS = (20_000, 50, 100)
 
 
 class Service:
@@ -179,6 +184,10 @@ async def serve(*services: Service, health: bool = True) -> None:
             if stopping.is_set():
                 break
             log.info("%s ready", service.name)
+        # What start-up made (modules, clients, metrics) lives as long as the process: keep it out of
+        # every later collection, which then scans only what the work itself allocates.
+        gc.freeze()
+        gc.set_threshold(*_GC_THRESHOLDS)
         await stopping.wait()
         log.info("draining")
     finally:
