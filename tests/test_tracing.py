@@ -139,8 +139,9 @@ async def test_tracing_is_off_without_an_endpoint(monkeypatch):
 async def test_log_lines_carry_trace_and_workflow_ids():
     from opentelemetry.sdk.trace import TracerProvider
 
-    plugin = telemetry.install(__import__("switchboard.telemetry.tracing", fromlist=["Tracing"]).Tracing(
-        TracerProvider()))
+    from switchboard.telemetry.tracing import Tracing
+
+    plugin = telemetry.install(Tracing(TracerProvider()))
     formatter = logs.JsonFormatter("agents")
     lines = []
 
