@@ -6,6 +6,8 @@
                               each in its own process, until Ctrl-C / SIGTERM
   switchboard demo            submit a workflow in which a planner delegates to other agents, and follow it
   switchboard check           say whether RabbitMQ and Redis answer
+  switchboard healthcheck     exit 0 if the service of this host or container answers /healthz (for
+                              Docker's HEALTHCHECK)
 """
 
 from __future__ import annotations
@@ -208,6 +210,20 @@ def demo(url: str, goal: str) -> int:
         return 0 if view["status"] == "succeeded" else 1
 
 
+def healthcheck(settings: Settings) -> bool:
+    """The service here answers /healthz: on its health port, or, for the api, on the API port."""
+    import urllib.request
+
+    for port in dict.fromkeys(p for p in (settings.health_port, settings.api_port) if p):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=3) as response:
+                if response.status == 200:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument("--url", default=None, help="API base URL (default: from settings)")
     demo_cmd.add_argument("--goal", default="why the sky is blue")
     sub.add_parser("check", help="check that RabbitMQ and Redis answer")
+    sub.add_parser("healthcheck", help="exit 0 if the service here answers /healthz")
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.command == "serve":
@@ -228,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_all()
     if args.command == "demo":
         return demo(args.url or f"http://{settings.api_host}:{settings.api_port}", args.goal)
+    if args.command == "healthcheck":
+        return 0 if healthcheck(settings) else 1
     return 0 if check(settings) else 1
 
 
