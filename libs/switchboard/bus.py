@@ -102,9 +102,9 @@ class Consumer:
             await message.ack()
             return "dead_lettered"
         headers = message.headers or {}
-        envelope.traceparent = _text(headers.get("traceparent"))
+        envelope.traceparent = traceparent_of(headers)
         try:
-            await telemetry.consuming(Consumed(queue, kind, headers, envelope),
+            await telemetry.consuming(Consumed(queue, kind, headers, envelope, envelope.traceparent),
                                       functools.partial(self._handler, envelope, message))
         except TRANSIENT as exc:
             return await self._requeue(queue, message, exc)
@@ -136,7 +136,8 @@ class Consumer:
     async def _process_raw(self, queue: str, kind: str, message: AbstractIncomingMessage) -> str:
         # Dead letters themselves: nowhere further to dead-letter them, so a failure is logged and dropped.
         try:
-            await telemetry.consuming(Consumed(queue, kind, message.headers or {}),
+            headers = message.headers or {}
+            await telemetry.consuming(Consumed(queue, kind, headers, None, traceparent_of(headers)),
                                       functools.partial(self._handler, message))
         except TRANSIENT as exc:
             return await self._requeue(queue, message, exc)
@@ -292,7 +293,9 @@ def _count_reconnect(*_) -> None:
     telemetry.emit("amqp.reconnected")
 
 
-def _text(value) -> str | None:
+def traceparent_of(headers: dict) -> str | None:
+    """The W3C traceparent an AMQP message carries (the broker may hand header strings back as bytes)."""
+    value = headers.get("traceparent")
     return value.decode("ascii", "replace") if isinstance(value, bytes) else value
 
 

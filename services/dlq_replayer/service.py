@@ -15,7 +15,7 @@ import logging
 from aio_pika.abc import AbstractIncomingMessage
 
 from switchboard import telemetry
-from switchboard.bus import QUEUE_HEADER, REASON_HEADER
+from switchboard.bus import QUEUE_HEADER, REASON_HEADER, traceparent_of
 from switchboard.deadletters import FILTERS, DeadLetters, make_record
 from switchboard.protocol import Envelope, MessageType
 from switchboard.runtime import Service
@@ -53,7 +53,7 @@ class DlqReplayer(Service):
             except ValueError:
                 task = None
             if task is not None and task.type == MessageType.TASK:
-                task.traceparent = headers.get("traceparent")  # the trace of the workflow it belongs to
+                task.traceparent = traceparent_of(headers)  # the trace of the workflow it belongs to
                 capability = task.payload.get("capability")
                 why = (f"no live agent took it within {self.settings.unroutable_after_s:g}s "
                        f"(capability {capability!r})")

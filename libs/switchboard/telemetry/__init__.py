@@ -32,8 +32,8 @@ from typing import Any
 
 EVENTS = frozenset({
     "task.submitted", "task.queued", "task.started", "task.finished", "workflow.finished",
-    "dead_letter.replayed", "breaker.changed", "message.published", "message.consumed", "amqp.reconnected", "store.transaction",
-    "agents.counted", "dead_letters.counted", "workflows.sampled",
+    "dead_letter.replayed", "breaker.changed", "message.published", "message.consumed", "amqp.reconnected",
+    "store.transaction", "agents.counted", "dead_letters.counted", "workflows.sampled",
 })
 _METHODS = {"on_" + name.replace(".", "_"): name for name in EVENTS}
 HOOKS = ("consume", "publish", "run_task", "http_request", "batch")
@@ -43,12 +43,14 @@ Call = Callable[[], Awaitable[Any]]
 
 @dataclass
 class Consumed:
-    """A message being processed. `envelope` is None for raw (dead-letter) messages."""
+    """A message being processed. `envelope` is None for raw (dead-letter) messages; `traceparent` is the
+    one the message carries, if any."""
 
     queue: str
     kind: str
     headers: dict
     envelope: Any = None
+    traceparent: str | None = None
 
 
 @dataclass

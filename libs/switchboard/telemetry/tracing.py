@@ -68,17 +68,13 @@ def _exporter(name: str, environ):
     raise ValueError(f"OTEL_TRACES_EXPORTER={name!r}: use otlp, console or none")
 
 
-def _context(traceparent: str | bytes | None):
-    if isinstance(traceparent, bytes):
-        traceparent = traceparent.decode("ascii", "replace")
+def _context(traceparent: str | None):
     return _W3C.extract({"traceparent": traceparent}) if traceparent else None
 
 
-def _unsampled(traceparent: str | bytes | None) -> bool:
+def _unsampled(traceparent: str | None) -> bool:
     """A trace the sampler left out: its context is passed on as it is, and no span is made for it, so a
     sampled-out workflow costs a header, not a span per hop (the last two hex digits are the flags)."""
-    if isinstance(traceparent, bytes):
-        traceparent = traceparent.decode("ascii", "replace")
     return bool(traceparent) and len(traceparent) == 55 and not int(traceparent[-2:], 16) & 1
 
 
@@ -141,7 +137,7 @@ class Tracing(Plugin):
             return await call_next()
 
     async def consume(self, message: Consumed, call_next: Call) -> Any:
-        traceparent = message.headers.get("traceparent")
+        traceparent = message.traceparent
         if not traceparent or _unsampled(traceparent):
             return await call_next()  # the bus has put an unsampled traceparent on the envelope already
         parent = _context(traceparent)
