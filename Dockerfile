@@ -3,6 +3,11 @@
 #   docker run switchboard serve api        (or coordinator, dispatcher, registry, aggregator, dlq_replayer, agents)
 # Dependencies are pinned by constraints.txt; regenerate it from a clean venv with `pip freeze --exclude switchboard`.
 
+# The FoundationDB client library the Python bindings load (the store, fdb://): taken from the official
+# image of the server version the deployments run, as FoundationDB's own samples do.
+ARG FDB_VERSION=7.3.63
+FROM foundationdb/foundationdb:${FDB_VERSION} AS fdb
+
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
@@ -20,6 +25,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SWITCHBOARD_HEALTH_HOST=0.0.0.0 \
     SWITCHBOARD_HEALTH_PORT=8080 \
     SWITCHBOARD_STORE_URL=sqlite:////data/switchboard.sqlite3
+COPY --from=fdb /usr/lib/libfdb_c.so /usr/lib/libfdb_c.so
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index /wheels/*.whl \
     && rm -rf /wheels \

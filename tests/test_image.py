@@ -47,7 +47,10 @@ def test_the_image_runs_a_real_command_as_a_non_root_user():
     assert user.isdigit() and int(user) > 0
     [healthcheck] = instructions("HEALTHCHECK")
     assert healthcheck.endswith('CMD ["switchboard", "healthcheck"]')
-    assert len(instructions("FROM")) == 2 and all("slim" in f for f in instructions("FROM"))
+    stages = {f.split()[-1]: f.split()[0] for f in instructions("FROM")}
+    assert stages["fdb"].startswith("foundationdb/foundationdb:")  # only its client library is copied
+    assert all("slim" in image for name, image in stages.items() if name != "fdb")
+    assert "slim" in instructions("FROM")[-1]  # the image that runs
 
 
 def _ignored(path: str, patterns: list[str]) -> bool:

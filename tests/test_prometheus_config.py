@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import deploy_facts
 from tests.prometheus_rules import (
     PROMETHEUS_DIR,
     PROMTAIL_DIR,
@@ -25,16 +26,10 @@ from tests.prometheus_rules import (
 PROMETHEUS_YML = PROMETHEUS_DIR / "prometheus.yml"
 PROMTAIL_FILES = [PROMTAIL_DIR / "promtail.yml", PROMTAIL_DIR / "promtail-kubernetes.yml"]
 
-# The telemetry contract: the `service` label of job "switchboard", by compose host and port.
-SERVICES = {
-    "api": "api:8000",
-    "coordinator": "coordinator:8101",
-    "dispatcher": "dispatcher:8102",
-    "registry": "registry:8103",
-    "aggregator": "aggregator:8104",
-    "dlq_replayer": "dlq-replayer:8105",
-    "agents": "agents:8110",
-}
+# The telemetry contract: the `service` label of job "switchboard", by compose host and port (the api on
+# its own port, every other process on the image's health port).
+SERVICES = {process: f"{process.replace('_', '-')}:{deploy_facts.serving_port(process)}"
+            for process in deploy_facts.PROCESSES}
 ALERTS = {
     "SwitchboardHighFailureRate",
     "SwitchboardDeadLettersGrowing",

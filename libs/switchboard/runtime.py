@@ -21,7 +21,7 @@ from switchboard.telemetry import logs, metrics, tracing
 from switchboard.bus import Bus, Consumer
 from switchboard.routing import REFRESH_S, Routes
 from switchboard.settings import Settings
-from switchboard.state import Store, open_store
+from switchboard.state import Store, StoreUnavailable, open_store
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ async def _start_with_retry(service: Service, stopping: asyncio.Event) -> None:
         try:
             await service.start()
             return
-        except (OSError, asyncio.TimeoutError, AMQPError, aioredis.ConnectionError) as exc:
+        except (OSError, asyncio.TimeoutError, AMQPError, aioredis.ConnectionError, StoreUnavailable) as exc:
             log.warning("%s cannot start yet (%s); retrying in %.1fs", service.name, exc, delay)
             await service.stop()
             try:
