@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
+
+import redis.asyncio as aioredis
 
 import example_agents
 from switchboard import Agent
 from switchboard.protocol import Envelope, MessageType
+from switchboard.registry import RegistryClient
 from tests.harness import Platform, wait_for
 
 
@@ -227,3 +231,22 @@ async def test_an_agent_that_stops_heartbeating_is_marked_lost(platform):
     await wait_for(lost, what="agent marked lost")
     listed = next(a for a in (await platform.client.get("/v1/agents")).json()["agents"] if a["name"] == "quiet-agent")
     assert listed["capabilities"] == ["quiet"] and "last_heartbeat" in listed and "in_flight" in listed
+
+
+
+async def test_a_replica_that_stops_leaves_its_agent_to_the_other_replicas(settings):
+    # Two replicas of one agent (two pods of one Deployment) heartbeat under one name; the registry
+    # keeps the latest heartbeat's record.
+    redis = aioredis.from_url(settings.redis_url)
+    registry = RegistryClient(redis, settings)
+    try:
+        for pid in (1, 2):
+            await registry.upsert({"name": "twin-agent", "capabilities": ["twin"], "host": "pod", "pid": pid,
+                                   "status": "alive", "last_heartbeat": time.time()})
+        await registry.remove("twin-agent", instance=("pod", 1))  # the replica that beat first stops
+        assert await registry.live_agents() == {"twin-agent"}
+        await registry.remove("twin-agent", instance=("pod", 2))  # then the last one
+        assert await registry.agents() == []
+    finally:
+        await redis.delete(registry.key)
+        await redis.aclose()

@@ -24,7 +24,16 @@ class RegistryClient:
     async def upsert(self, agent: dict) -> None:
         await self.redis.hset(self.key, agent["name"], orjson.dumps(agent))
 
-    async def remove(self, name: str) -> None:
+    async def remove(self, name: str, *, instance: tuple | None = None) -> None:
+        """Forgets an agent; with `instance` (host, pid), only if its latest heartbeat came from there.
+
+        Replicas of one agent (pods of a Deployment, `--scale`) share its name and queues: one replica
+        that stops must not take the name from the others."""
+        if instance is not None:
+            raw = await self.redis.hget(self.key, name)
+            latest = orjson.loads(raw) if raw is not None else None
+            if latest is not None and (latest.get("host"), latest.get("pid")) != tuple(instance):
+                return
         await self.redis.hdel(self.key, name)
 
     async def agents(self) -> list[dict]:

@@ -46,7 +46,7 @@ class Registry(Service):
             info.update(status="alive", last_heartbeat=min(env.timestamp, time.time()))
             await self.client.upsert(info)
         elif env.subject == "agent.stopped":
-            await self.client.remove(env.payload["name"])
+            await self.client.remove(env.payload["name"], instance=(env.payload.get("host"), env.payload.get("pid")))
         else:
             raise ValueError(f"registry does not handle subject {env.subject!r}")
 
