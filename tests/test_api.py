@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import http.client
+import json
+import urllib.error
+import urllib.request
+
 import aio_pika
 import pytest
 
@@ -49,6 +55,8 @@ BAD_WORKFLOWS = [
     ({"tasks": [{"id": "a", "capability": "echo", "timeout_s": -1}]}, 422, "invalid_request", "timeout_s"),
     ({"tasks": [{"id": "a", "capability": "echo", "colour": "red"}]}, 422, "invalid_request", "colour"),
     ({"workflow": []}, 422, "invalid_request", "tasks"),
+    ({"tasks": [{"id": "a", "capability": "echo", "max_attempts": True}]}, 422, "invalid_request", "max_attempts"),
+    ({"tasks": [{"id": "a", "capability": "echo", "payload": {"n": 2**70}}]}, 422, "invalid_payload", "64 bits"),
 ]
 
 
@@ -148,3 +156,76 @@ async def test_long_poll_returns_at_the_deadline_for_an_unfinished_workflow(api_
     wf_id = (await api_only.client.post("/v1/workflows", json=VALID)).json()["workflow_id"]
     view = (await api_only.client.get(f"/v1/workflows/{wf_id}", params={"wait": 0.3})).json()
     assert view["status"] == "running"  # no agent in this test: it never finishes
+
+
+async def test_a_single_task_follows_the_same_rules_as_a_workflows_task(api_only):
+    for task, mentions in (({"capability": ""}, "capability"), ({"capability": "no spaces"}, "capability"),
+                           ({"capability": "echo", "max_attempts": True}, "max_attempts"),
+                           ({"capability": "echo", "depends_on": ["ghost"]}, "ghost")):
+        response = await api_only.client.post("/v1/tasks", json=task)
+        assert response.status_code == 422, response.text
+        assert mentions in str(response.json()["error"])
+    assert await published(api_only) == 0
+
+
+def _urllib_post(url: str, body: bytes, token: str) -> tuple[int, dict]:
+    # urllib sends the whole body before it reads the answer: the server must read it to be heard.
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json",
+                                                              "Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def _chunked_post(port: int, path: str, chunks: int, token: str) -> tuple[int, dict]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        connection.request("POST", path, body=(b" " * 500_000 for _ in range(chunks)), encode_chunked=True,
+                           headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+async def test_every_client_sees_the_413_of_a_body_over_the_limit(api_only):
+    port, token = api_only.settings.api_port, api_only.settings.api_token
+    status, body = await asyncio.to_thread(_urllib_post, f"http://127.0.0.1:{port}/v1/workflows",
+                                           b'{"tasks": [' + b" " * 20_000_000 + b"]}", token)
+    assert (status, body["error"]["code"]) == (413, "body_too_large")
+    # Without a Content-Length (chunked), the limit holds as the body arrives.
+    status, body = await asyncio.to_thread(_chunked_post, port, "/v1/workflows", 20, token)
+    assert (status, body["error"]["code"]) == (413, "body_too_large")
+    assert await published(api_only) == 0
+
+
+async def test_an_undeclared_method_gets_405_with_the_paths_methods(api_only):
+    for method, path, allowed in (("PUT", "/v1/workflows", "GET, POST"), ("PATCH", "/v1/dlq/abc", "DELETE, GET"),
+                                  ("GET", "/v1/dlq/replay", None), ("OPTIONS", "/v1/dlq/replay", "POST"),
+                                  ("DELETE", "/v1/workflows/batch", "POST")):
+        response = await api_only.client.request(method, path)
+        if allowed is None:  # a dead letter named "replay": there is none
+            assert response.status_code == 404
+            continue
+        assert response.status_code == 405, (method, path, response.text)
+        assert response.headers["allow"] == allowed and response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_the_openapi_document_names_every_answer(api_only):
+    spec = (await api_only.client.get("/openapi.json")).json()
+    for path, item in spec["paths"].items():
+        for method, operation in item.items():
+            answers = set(operation["responses"])
+            assert "503" in answers, (method, path)
+            if "requestBody" in operation:
+                assert {"400", "413", "422"} <= answers, (method, path)
+            if method != "get" and path.startswith("/v1/"):
+                assert "401" in answers, (method, path)
+            if "{" in path:
+                assert "404" in answers, (method, path)
+            for status, answer in operation["responses"].items():
+                if status >= "400":
+                    assert answer["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]

@@ -98,8 +98,8 @@ class RetryPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    base_s: float = Field(0.5, ge=0, le=3600)
-    max_s: float = Field(30.0, ge=0, le=24 * 3600)
+    base_s: float = Field(0.5, ge=0, le=3600, strict=True)
+    max_s: float = Field(30.0, ge=0, le=24 * 3600, strict=True)
 
 
 class TaskSpec(BaseModel):
@@ -110,8 +110,9 @@ class TaskSpec(BaseModel):
     payload: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list)
     priority: Priority = Priority.NORMAL
-    timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600)
-    max_attempts: int | None = Field(None, ge=1, le=100)
+    # Strict: `true` is not 1 attempt, nor `false` 0 seconds.
+    timeout_s: float | None = Field(None, gt=0, le=7 * 24 * 3600, strict=True)
+    max_attempts: int | None = Field(None, ge=1, le=100, strict=True)
     agent: str | None = Field(None, min_length=1, max_length=128, description="Route to this agent only.")
     retry: RetryPolicy | None = None
 
@@ -127,7 +128,8 @@ class WorkflowSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = Field(None, max_length=256)
-    tasks: list[TaskSpec]
+    # Documented as at least one; validate_workflow refuses an empty list with its own error code.
+    tasks: list[TaskSpec] = Field(json_schema_extra={"minItems": 1})
 
 
 def validate_workflow(spec: WorkflowSpec, *, max_payload_bytes: int, max_tasks: int) -> None:
@@ -141,7 +143,11 @@ def validate_workflow(spec: WorkflowSpec, *, max_payload_bytes: int, max_tasks: 
         if task.id in ids:
             raise InvalidSpec("duplicate_task_id", f"duplicate task id {task.id!r}")
         ids.add(task.id)
-        size = len(orjson.dumps(task.payload))
+        try:
+            size = len(orjson.dumps(task.payload))
+        except orjson.JSONEncodeError as exc:  # JSON that Python reads but no JSON writer may send on
+            raise InvalidSpec("invalid_payload", f"task {task.id!r}: payload cannot be sent as JSON ({exc}): "
+                              "integers must fit in 64 bits and strings must be valid Unicode") from exc
         if size > max_payload_bytes:
             raise InvalidSpec("payload_too_large", f"task {task.id!r}: payload is {size} bytes, the limit is {max_payload_bytes}")
     for task in spec.tasks:

@@ -12,11 +12,12 @@ from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Route
 
 from switchboard import telemetry
-from switchboard.protocol import Envelope, InvalidSpec, MessageType, Priority, WorkflowSpec, validate_workflow
+from switchboard.protocol import Envelope, InvalidSpec, MessageType, TaskSpec, WorkflowSpec, validate_workflow
 from switchboard.control import message as control_message
 from switchboard.telemetry import HttpRequest
 from switchboard.telemetry.metrics import exposition
@@ -36,20 +37,59 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.details = status, code, message, details
 
 
+# A body over the limit is still read, up to this much, before the 413 is sent: a client that sends its
+# whole body before it reads the answer (Python's urllib) would otherwise find the connection reset.
+DRAIN_BYTES = 64 * 1024 * 1024
+DRAIN_S = 30.0
+
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, size: int, limit: int):
+        super().__init__(413, f"request body is {size} bytes or more, the limit is {limit}")
+
+
+async def _drain(receive, budget: int) -> None:
+    try:
+        async with asyncio.timeout(DRAIN_S):
+            while budget > 0:
+                message = await receive()
+                if message["type"] != "http.request" or not message.get("more_body"):
+                    return
+                budget -= len(message.get("body", b""))
+    except TimeoutError:
+        pass  # a client this slow gets the 413 and a closed connection
+
+
 class BodyLimit:
-    """Refuses a declared body over the limit before reading it. Plain ASGI, because Starlette's
-    BaseHTTPMiddleware costs a task group and a stream per request (about a tenth of a small request's CPU)."""
+    """Refuses a body over the limit with a 413: a declared one before the app sees it, a chunked one as
+    soon as it grows past the limit. Plain ASGI, because Starlette's BaseHTTPMiddleware costs a task group
+    and a stream per request (about a tenth of a small request's CPU)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.limit:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit():  # the server holds the body to its declared length
+            if int(length) > self.limit:
+                await _drain(receive, DRAIN_BYTES)
                 response = _error(413, "body_too_large", f"request body is {int(length)} bytes, the limit is {self.limit}")
                 return await response(scope, receive, send)
-        await self.app(scope, receive, send)
+            return await self.app(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                await _drain(receive, DRAIN_BYTES - received)
+                raise BodyTooLarge(received, self.limit)  # FastAPI passes an HTTPException through
+            return message
+
+        await self.app(scope, counted, send)
 
 
 class Observed:
@@ -83,6 +123,18 @@ class Observed:
 IdempotencyKey = Annotated[str | None, Header(max_length=256)]
 
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+def _allowed(app: FastAPI, scope) -> list[str]:
+    """The methods of a path, for a 405's Allow. Starlette names those of the first route that matches; a
+    path has several routes, one per method. Where a literal path (/v1/dlq/replay) also matches a template
+    (/v1/dlq/{dead_letter_id}), the literal one is the resource the client meant."""
+    matching = [r for r in app.router.routes if isinstance(r, Route) and r.matches(scope)[0] != Match.NONE]
+    fewest = min((len(r.param_convertors) for r in matching), default=0)
+    return sorted({m for r in matching if len(r.param_convertors) == fewest for m in r.methods or ()})
+
+
 def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
     body: dict = {"code": code, "message": message}
     if details is not None:
@@ -90,17 +142,38 @@ def _error(status: int, code: str, message: str, details: Any = None) -> JSONRes
     return JSONResponse({"error": body}, status_code=status)
 
 
-class TaskSubmission(BaseModel):
-    """One task on its own (a workflow of one)."""
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable, for programs: e.g. workflow_not_found, body_too_large")
+    message: str = Field(description="for people")
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    """The shape of every error the API answers."""
+
+    error: ErrorDetail
+
+
+_MEANINGS = {
+    400: "The body is not valid JSON.",
+    401: "No valid bearer token: send 'Authorization: Bearer <token>'.",
+    404: "No such workflow or dead letter.",
+    409: "Conflict: the idempotency key was used for a different request, or the dead letter cannot be replayed.",
+    413: "The body, or a task's payload, is over the limit.",
+    422: "The request does not follow the schema, or the workflow breaks a rule (ids, dependencies, sizes).",
+    503: "The store or the broker is unavailable: retry later.",
+}
+
+
+def answers(*statuses: int) -> dict:
+    """The error answers of a route, for the OpenAPI document."""
+    return {status: {"model": ErrorBody, "description": _MEANINGS[status]} for status in statuses}
+
+
+class TaskSubmission(TaskSpec):
+    """One task on its own: a workflow of one, so the same model as a workflow's task."""
 
     id: str = Field("task", min_length=1, max_length=128)
-    capability: str
-    payload: dict[str, Any] = Field(default_factory=dict)
-    priority: Priority = Priority.NORMAL
-    timeout_s: float | None = None
-    max_attempts: int | None = None
-    agent: str | None = None
-    model_config = {"extra": "forbid"}
 
 
 class ReplayRequest(BaseModel):
@@ -109,10 +182,10 @@ class ReplayRequest(BaseModel):
     capability: str | None = None
     reason: str | None = Field(None, description="substring of the reason")
     workflow_id: str | None = None
-    since: float | None = None
-    until: float | None = None
-    limit: int = Field(1000, ge=1, le=10_000)
-    rate_per_s: float = Field(10.0, gt=0, le=100)
+    since: float | None = Field(None, strict=True, description="unix time")
+    until: float | None = Field(None, strict=True, description="unix time")
+    limit: int = Field(1000, ge=1, le=10_000, strict=True)
+    rate_per_s: float = Field(10.0, gt=0, le=100, strict=True)
 
 
 class ControlRequest(BaseModel):
@@ -135,7 +208,7 @@ def create_app(service: Api) -> FastAPI:
     settings = service.settings
     app = FastAPI(title="Switchboard", version="1",
                   description="Submit tasks and DAG workflows; agents run them by capability and priority.",
-                  **_NO_NATIVE_TELEMETRY)
+                  responses=answers(503), **_NO_NATIVE_TELEMETRY)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -151,9 +224,18 @@ def create_app(service: Api) -> FastAPI:
         where = ".".join(str(p) for p in first["loc"][1:]) or "request"
         return _error(422, "invalid_request", f"{where}: {first['msg']}", details)
 
+    @app.exception_handler(ValidationError)
+    async def _invalid_model(request: Request, exc: ValidationError):
+        # A model built inside a handler: the request was wrong, not the server.
+        return await _invalid(request, RequestValidationError(exc.errors()))
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, "not_found" if exc.status_code == 404 else "http_error", str(exc.detail))
+        response = _error(exc.status_code, _HTTP_CODES.get(exc.status_code, "http_error"), str(exc.detail))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:
+            response.headers["Allow"] = ", ".join(_allowed(app, request.scope))
+        return response
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
@@ -201,23 +283,23 @@ def create_app(service: Api) -> FastAPI:
                 log.warning("could not queue the tasks of workflows %s: %s", started, exc)
         return ids, started
 
-    @app.post("/v1/workflows", status_code=202, dependencies=mutating)
+    @app.post("/v1/workflows", status_code=202, dependencies=mutating, responses=answers(400, 401, 409, 413, 422))
     async def submit_workflow(spec: WorkflowSpec, idempotency_key: IdempotencyKey = None):
         [wf_id], started = await submit([spec], idempotency_key)
         return {"workflow_id": wf_id, "status": "running" if started else "pending", "tasks": len(spec.tasks)}
 
-    @app.post("/v1/workflows/batch", status_code=202, dependencies=mutating)
+    @app.post("/v1/workflows/batch", status_code=202, dependencies=mutating, responses=answers(400, 401, 409, 413, 422))
     async def submit_workflows(batch: WorkflowBatch, idempotency_key: IdempotencyKey = None):
         ids, _ = await submit(batch.workflows, idempotency_key)
         return {"workflow_ids": ids}
 
-    @app.post("/v1/tasks", status_code=202, dependencies=mutating)
+    @app.post("/v1/tasks", status_code=202, dependencies=mutating, responses=answers(400, 401, 409, 413, 422))
     async def submit_task(task: TaskSubmission, idempotency_key: IdempotencyKey = None):
         spec = WorkflowSpec(tasks=[task.model_dump()])
         [wf_id], _ = await submit([spec], idempotency_key)
         return {"workflow_id": wf_id, "task_id": task.id}
 
-    @app.get("/v1/workflows/{workflow_id}")
+    @app.get("/v1/workflows/{workflow_id}", responses=answers(404, 422))
     async def get_workflow(workflow_id: str, wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0):
         deadline = time.monotonic() + wait
         pause = 0.02
@@ -232,7 +314,7 @@ def create_app(service: Api) -> FastAPI:
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, 0.25)
 
-    @app.get("/v1/workflows")
+    @app.get("/v1/workflows", responses=answers(422))
     async def list_workflows(
         status: Annotated[str | None, Query(pattern="^(pending|running|succeeded|failed|cancelled)$")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
@@ -241,7 +323,7 @@ def create_app(service: Api) -> FastAPI:
         items = await service.workflows.list(status, limit, after)
         return {"workflows": items, "next": items[-1]["workflow_id"] if len(items) == limit else None}
 
-    @app.post("/v1/workflows/{workflow_id}/cancel", dependencies=mutating)
+    @app.post("/v1/workflows/{workflow_id}/cancel", dependencies=mutating, responses=answers(401, 404, 422))
     async def cancel_workflow(workflow_id: str):
         try:
             view, out = await service.workflows.cancel(workflow_id)
@@ -261,7 +343,7 @@ def create_app(service: Api) -> FastAPI:
             agent["breaker"] = breakers[f"agent:{agent['name']}"]
         return {"agents": agents, "capabilities": {c: {"breaker": breakers[f"cap:{c}"]} for c in capabilities}}
 
-    @app.get("/v1/dlq")
+    @app.get("/v1/dlq", responses=answers(422))
     async def list_dead_letters(
         capability: str | None = None, reason: str | None = None, workflow_id: str | None = None,
         since: float | None = Query(None, description="unix time"), until: float | None = None,
@@ -273,14 +355,14 @@ def create_app(service: Api) -> FastAPI:
                                                 workflow_id=workflow_id, since=since, until=until, status=status)
         return {"dead_letters": items, "next": items[-1]["id"] if len(items) == limit else None}
 
-    @app.get("/v1/dlq/{dead_letter_id}")
+    @app.get("/v1/dlq/{dead_letter_id}", responses=answers(404, 422))
     async def get_dead_letter(dead_letter_id: str):
         record = await service.dead_letters.get(dead_letter_id)
         if record is None:
             raise ApiError(404, "dead_letter_not_found", f"no dead letter {dead_letter_id!r}")
         return record
 
-    @app.post("/v1/dlq/{dead_letter_id}/replay", dependencies=mutating)
+    @app.post("/v1/dlq/{dead_letter_id}/replay", dependencies=mutating, responses=answers(401, 404, 409, 422))
     async def replay_dead_letter(dead_letter_id: str):
         try:
             out = await service.workflows.replay(dead_letter_id)
@@ -291,7 +373,7 @@ def create_app(service: Api) -> FastAPI:
         await out.publish(service.bus)
         return await service.dead_letters.get(dead_letter_id)
 
-    @app.post("/v1/dlq/replay", status_code=202, dependencies=mutating)
+    @app.post("/v1/dlq/replay", status_code=202, dependencies=mutating, responses=answers(400, 401, 413, 422))
     async def replay_dead_letters(request: ReplayRequest):
         """Replays every matching dead letter, at most rate_per_s a second, in the dlq-replayer."""
         filters = request.model_dump(exclude={"rate_per_s", "limit"}, exclude_none=True)
@@ -301,7 +383,7 @@ def create_app(service: Api) -> FastAPI:
         await service.bus.publish(ask, service.bus.topology.replay)
         return {"matched": len(matched), "rate_per_s": request.rate_per_s}
 
-    @app.delete("/v1/dlq/{dead_letter_id}", status_code=204, dependencies=mutating)
+    @app.delete("/v1/dlq/{dead_letter_id}", status_code=204, dependencies=mutating, responses=answers(401, 404, 422))
     async def delete_dead_letter(dead_letter_id: str):
         if not await service.dead_letters.delete(dead_letter_id):
             raise ApiError(404, "dead_letter_not_found", f"no dead letter {dead_letter_id!r}")
@@ -316,18 +398,18 @@ def create_app(service: Api) -> FastAPI:
         await service.bus.broadcast(control_message(state, "api"))
         return state
 
-    @app.post("/v1/control/stop-all", dependencies=mutating)
+    @app.post("/v1/control/stop-all", dependencies=mutating, responses=answers(401, 422))
     async def stop_all():
         """The emergency stop: no task is dispatched and agents take no new work; in-flight work finishes
         (or, if its agent stops, is requeued). Undo with resume."""
         return await control("stop-all", None)
 
-    @app.post("/v1/control/pause", dependencies=mutating)
+    @app.post("/v1/control/pause", dependencies=mutating, responses=answers(400, 401, 413, 422))
     async def pause(request: ControlRequest | None = None):
         """Pause dispatching of one capability, or of everything: tasks wait, queued, until resumed."""
         return await control("pause", request.capability if request else None)
 
-    @app.post("/v1/control/resume", dependencies=mutating)
+    @app.post("/v1/control/resume", dependencies=mutating, responses=answers(400, 401, 413, 422))
     async def resume(request: ControlRequest | None = None):
         """Resume one capability, or everything (this also lifts stop-all)."""
         return await control("resume", request.capability if request else None)
@@ -342,7 +424,8 @@ def create_app(service: Api) -> FastAPI:
             return _error(503, "not_ready", "the api is starting or has lost the broker")
         return {"status": "ready"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Prometheus text format"}})
     async def metrics(request: Request):
         return Response(exposition(request.url.query), media_type=CONTENT_TYPE_LATEST)
 
