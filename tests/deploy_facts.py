@@ -42,10 +42,14 @@ def env_names(field: str) -> set[str]:
 MUST_SET = ("amqp_url", "redis_url", "store_url")
 # Settings a deployment leaves at their defaults, and why; a new setting must be added here or above.
 DEFAULTED = {
+    "management_url": "only `switchboard agent-credentials` (an admin's command, not a service) reads it",
     "namespace": "one deployment per broker; set it to share one broker between deployments",
     "api_host": "the image sets 0.0.0.0",
     "api_port": "8000 is the api's port everywhere",
     "api_token": "set from the secret where auth is wanted; empty means no auth",
+    "api_rate_per_s": "a per-token limit, same in every deployment",
+    "api_rate_burst": "a per-token limit, same in every deployment",
+    "payload_keys": "off unless set; set it from a secret on the api and the agents to seal payloads",
     "health_port": "the image sets 8080",
     "health_host": "the image sets 0.0.0.0",
     "max_payload_bytes": "a platform limit, same in every deployment",

@@ -138,7 +138,7 @@ async def cleanup(settings: Settings, queues: set[str], *, broker: bool = True, 
                     await channel.queue_delete(name)
                 except aio_pika.exceptions.AMQPError:
                     pass
-            for name in (topology.dlx, topology.control, topology.events):
+            for name in (topology.dlx, topology.control, topology.events, topology.agent_out):
                 channel = await connection.channel()
                 try:
                     await channel.exchange_delete(name)
@@ -188,8 +188,10 @@ async def service_processes(settings: Settings, env: dict | None = None):
                       | {topology.agent_queue(a) for a in EXAMPLE_AGENTS})
 
 
-async def wait_processes_ready(client: httpx.AsyncClient, settings: Settings, ports: dict[str, int]) -> None:
-    """Until every process answers /readyz and the example agents are registered."""
+async def wait_processes_ready(client: httpx.AsyncClient, settings: Settings, ports: dict[str, int],
+                               procs: dict | None = None) -> None:
+    """Until every process answers /readyz and the example agents are registered. With `procs`, a timeout
+    says which of them had exited."""
     async def all_ready() -> bool:
         for port in ports.values():
             try:
@@ -199,7 +201,10 @@ async def wait_processes_ready(client: httpx.AsyncClient, settings: Settings, po
                 return False
         return True
 
-    await wait_for(all_ready, timeout=60, what="every process ready")
+    def exited() -> str:
+        return "exited: " + ", ".join(f"{n}={p.returncode}" for n, p in (procs or {}).items() if p.returncode is not None)
+
+    await wait_for(all_ready, timeout=60, what="every process ready", on_timeout=exited)
 
     async def agents_alive() -> bool:
         agents = (await client.get(f"http://127.0.0.1:{settings.api_port}/v1/agents")).json()["agents"]

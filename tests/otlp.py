@@ -39,6 +39,7 @@ class OtlpReceiver:
 
     def __init__(self):
         self.spans: list[Span] = []
+        self.raw: list[bytes] = []  # each export request's body as sent: resources, events, statuses and all
         self.requests = 0
         self._server: asyncio.AbstractServer | None = None
 
@@ -81,6 +82,7 @@ class OtlpReceiver:
 
     def _keep(self, body: bytes) -> None:
         request = ExportTraceServiceRequest.FromString(body)
+        self.raw.append(body)
         self.requests += 1
         for resource_spans in request.resource_spans:
             resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}

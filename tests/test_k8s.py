@@ -30,7 +30,7 @@ K8S = ROOT / "deploy" / "k8s"
 CRDS = Path(__file__).resolve().parent / "crds"
 KUBECTL = shutil.which("kubectl")
 OVERLAYS = ("dev", "prod")
-COMPONENTS = ("keda", "monitoring", "hpa")
+COMPONENTS = ("keda", "monitoring", "hpa", "agent-credentials")
 # Each overlay alone, with each component, and with all of them.
 VARIANTS = [(o, ()) for o in OVERLAYS] + [(o, (c,)) for o in OVERLAYS for c in COMPONENTS] \
     + [(o, COMPONENTS) for o in OVERLAYS]
@@ -730,3 +730,34 @@ def test_the_hpa_scales_the_api_on_cpu(overlay):
     # Utilisation is of the request: the container must have one.
     assert target["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
     assert hpa["spec"]["minReplicas"] >= 2
+
+
+def test_agent_users_are_allowed_exactly_what_credentials_permissions_says(overlay):
+    import example_agents
+    from switchboard.credentials import permissions
+    from switchboard.settings import Settings
+
+    objs = render(overlay, ("agent-credentials",))
+    agents = example_agents.build(Settings())
+    assert {u["metadata"]["name"] for u in of_kind(objs, "User")} == {a.name for a in agents}
+    for agent in agents:
+        user, grant = named(objs, "User", agent.name), named(objs, "Permission", agent.name)
+        assert user["spec"].get("tags") == [] and not user["spec"].get("importCredentialsSecret")
+        assert grant["spec"]["userReference"] == {"name": agent.name} and grant["spec"]["vhost"] == "/"
+        # The namespace the deployments run with: the settings' default, left alone (deploy_facts).
+        namespace = Settings.model_fields["namespace"].default
+        assert grant["spec"]["permissions"] == permissions(namespace, agent.name, agent.capabilities)
+        assert grant["spec"]["rabbitmqClusterReference"] == user["spec"]["rabbitmqClusterReference"]
+    sync = runpy.run_path(str(K8S / "components" / "agent-credentials" / "sync_users.py"))
+    assert (K8S / "components" / "agent-credentials" / "users.yaml").read_text() == sync["render"](), \
+        "users.yaml is not what sync_users.py writes: run it"
+
+
+def test_the_topology_operator_reaches_the_management_api_only_with_its_component(overlay):
+    operator = _pod("rabbitmq-system", {"app.kubernetes.io/name": "messaging-topology-operator",
+                                        "app.kubernetes.io/component": "rabbitmq-operator"})
+    for components in ((), ("agent-credentials",)):
+        objs = render(overlay, components)
+        [rabbit] = _dependency_pods(objs, "rabbitmq")
+        # prod's cluster operator policy admits it already (same component label); dev's only with this
+        assert can_connect(objs, operator, rabbit, 15672) == (overlay == "prod" or bool(components))

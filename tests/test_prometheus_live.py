@@ -70,7 +70,8 @@ HISTOGRAMS = {"switchboard_task_queue_wait_seconds", "switchboard_task_run_secon
               "switchboard_workflow_duration_seconds", "switchboard_store_transaction_seconds",
               "switchboard_http_request_duration_seconds"}
 PRIORITIES = {"CRITICAL", "HIGH", "NORMAL", "LOW"}
-REASONS = {"attempts_exhausted", "non_retryable", "undeliverable", "unparseable", "rejected", "expired", "other"}
+REASONS = {"attempts_exhausted", "non_retryable", "undeliverable", "unparseable", "rejected", "expired", "forged",
+           "other"}
 # The telemetry contract, as the workload must leave it: metric -> {label: values that must all occur}.
 # `service` is the scrape label of the process that exports it.
 CONTRACT = {

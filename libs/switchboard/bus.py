@@ -4,6 +4,13 @@ A consumer's handler gets a decoded Envelope. The bus acks after the handler ret
 Transient error (after a short pause, so an outage does not become a hot loop), and dead-letters, with
 the reason, anything that does not parse or that the handler rejects: a bad message is never retried
 forever.
+
+Every message carries the AMQP user_id of the bus's broker user: RabbitMQ refuses a message whose
+user_id is not the user of the connection that publishes it, so a receiver can trust it (the aggregator
+takes outcomes of an attempt only from the user that claimed it). An agent with broker credentials of
+its own (switchboard.credentials) may not declare the platform's exchanges and queues nor publish to
+the dead-letter exchange: its bus finds out at connect (`restricted`), checks the topology passively,
+and dead-letters by rejecting, so the broker itself moves the message to the dead-letter exchange.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from switchboard import telemetry
 from switchboard.telemetry import Consumed, Published
 from switchboard.protocol import Envelope
-from switchboard.settings import Settings
+from switchboard.settings import Settings, amqp_username
 from switchboard.state.base import StoreUnavailable
 from switchboard.topology import Topology
 
@@ -171,6 +178,11 @@ class Bus:
         self._channel: AbstractChannel | None = None
         self._declared: set[str] = set()
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+        # Every message's user_id; none when the URL names no user (EXTERNAL auth: the name is not known here).
+        self.user = amqp_username(settings.amqp_url)
+        # The exchange that publishes to a queue go through instead of the default one (agents: agent-out).
+        self.outbox = ""
+        self.restricted = False  # this broker user may not declare the topology (an agent's own user)
 
     async def connect(self, *, timeout_s: float = 30.0) -> None:
         self.connection = await asyncio.wait_for(
@@ -181,7 +193,23 @@ class Bus:
         )
         self.connection.reconnect_callbacks.add(_count_reconnect)
         self._channel = await self.connection.channel(publisher_confirms=True)
-        await self.topology.declare(self._channel)
+        self.restricted = not await self._may_declare()  # which, if it may, has declared the topology
+        if self.restricted:
+            await self.topology.check(self._channel)
+
+    async def _may_declare(self) -> bool:
+        """Tries the declarations on a channel of their own, which a refusal closes: a plain channel, as
+        a robust one would reopen itself."""
+        probe = aio_pika.Channel(self.connection)
+        await probe
+        try:
+            await self.topology.declare(probe)
+        except aiormq.exceptions.ChannelAccessRefused:
+            return False
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+        return True
 
     async def close(self) -> None:
         if self.connection is not None:
@@ -193,7 +221,11 @@ class Bus:
         return self.connection is not None and not self.connection.is_closed
 
     async def ensure_work_queue(self, name: str) -> None:
-        if name not in self._declared:
+        if name not in self._declared and self.restricted:
+            # Declared by the platform (or agent-credentials create); a missing one fails here, clearly.
+            await self._channel.declare_queue(name, passive=True)
+            self._declared.add(name)
+        elif name not in self._declared:
             hold = name.startswith(self.topology.hold_queue(""))
             await self.topology.declare_work_queue(
                 self._channel, name, ttl_s=self.settings.unroutable_after_s if hold else None)
@@ -218,13 +250,14 @@ class Bus:
     async def _send(self, body: bytes, routing_key: str, exchange: str, headers: dict, envelope: Envelope | None,
                     properties: dict) -> None:
         """Every publish goes through here, and so through the telemetry seam."""
-        destination = exchange or routing_key
+        exchange = exchange or self.outbox
+        destination = routing_key if exchange in ("", self.outbox) else exchange  # the queue it is for
         kind = self.topology.kind(destination)
         outgoing = Published(destination, kind, headers, envelope)
 
         async def send() -> None:
             message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                       headers=outgoing.headers, **properties)
+                                       headers=outgoing.headers, user_id=self.user, **properties)
             target = await self._exchange(exchange)
             await target.publish(message, routing_key=routing_key)
 
@@ -253,6 +286,12 @@ class Bus:
         await self.publish(envelope, "", exchange=self.topology.control)
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str, queue: str) -> None:
+        if self.restricted:
+            # No write permission on the dead-letter exchange (a forged "expired in hold" letter would
+            # fail someone's task): the broker dead-letters it, with "rejected" and its queue in x-death.
+            log.warning("rejecting message from %s: %s", queue, reason)
+            await message.reject()
+            return
         headers = dict(message.headers or {})
         headers[REASON_HEADER] = reason[:1000]
         headers[QUEUE_HEADER] = queue
@@ -278,9 +317,11 @@ class Bus:
     async def consume_private(self, handler: Handler, *, name: str = "", bind_control: bool = False,
                               prefetch: int = 100) -> Consumer:
         # Consumer.stop() closes the channel, which deletes the queue: nothing is left behind.
-        """A queue of this process alone, deleted when it disconnects: replies, or the control fanout."""
+        """A queue of this process alone, deleted when it disconnects: replies, or the control fanout.
+        Named after this process (topology.private_queue) unless `name` is given."""
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
+        name = name or self.topology.private_queue("control" if bind_control else "reply", self.source)
         amqp_queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
         if bind_control:
             await amqp_queue.bind(self.topology.control)

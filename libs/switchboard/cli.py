@@ -8,6 +8,14 @@
   switchboard check           say whether RabbitMQ and Redis answer
   switchboard healthcheck     exit 0 if the service of this host or container answers /healthz (for
                               Docker's HEALTHCHECK)
+  switchboard agent-credentials create NAME --capabilities a,b [--password P]
+                              (admin) give an agent a RabbitMQ user of its own, allowed only what that
+                              agent needs; prints its AMQP URL. `... delete NAME` removes the user
+  switchboard token create NAME --role R [--expires-in S] | list | revoke ID
+                              (admin) API tokens, through the REST API
+  switchboard audit verify    check the audit log's hash chain in the store; names the first broken link
+  switchboard keys generate | reencrypt
+                              (admin) a new payload key; seal stored payloads and results with the current one
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import subprocess
 import sys
 import time
 
-from switchboard.settings import Settings, get_settings
+from switchboard import cli_admin
+from switchboard.settings import Settings, get_settings, redact_url
 
 SERVICES = {
     "api": "services.api:Api",
@@ -70,12 +79,12 @@ async def _check(settings: Settings) -> dict[str, str | None]:
         connection = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), 5)
         await connection.close()
     except Exception as exc:
-        problems["RabbitMQ"] = f"{settings.amqp_url}: {exc or type(exc).__name__}"
+        problems["RabbitMQ"] = f"{redact_url(settings.amqp_url)}: {exc or type(exc).__name__}"
     client = aioredis.from_url(settings.redis_url, socket_connect_timeout=5)
     try:
         await client.ping()
     except Exception as exc:
-        problems["Redis"] = f"{settings.redis_url}: {exc}"
+        problems["Redis"] = f"{redact_url(settings.redis_url)}: {exc}"
     finally:
         await client.aclose()
     return problems
@@ -123,7 +132,7 @@ def run_all() -> int:
           f"  health       " + ", ".join(f"{n} :{p}" for n, p in ports.items()) + " (/healthz /readyz)\n"
           f"  metrics      {api}/metrics  " + "  ".join(f"http://{host}:{p}/metrics" for p in ports.values()) + "\n"
           f"  tracing      {_tracing_status()}\n"
-          f"  broker       {settings.amqp_url}\n  redis        {settings.redis_url}\n"
+          f"  broker       {redact_url(settings.amqp_url)}\n  redis        {redact_url(settings.redis_url)}\n"
           f"Try `make demo` in another terminal. Ctrl-C stops everything.\n", flush=True)
     while not stopping:
         time.sleep(0.2)
@@ -224,6 +233,34 @@ def healthcheck(settings: Settings) -> bool:
     return False
 
 
+def agent_credentials(settings: Settings, args) -> int:
+    import httpx
+
+    from switchboard import credentials
+
+    failed = (credentials.ManagementError, httpx.HTTPError, OSError)
+
+    if args.action == "delete":
+        try:
+            found = credentials.delete(settings, args.name)
+        except failed as exc:
+            print(f"cannot delete broker user {args.name!r}: {exc}", file=sys.stderr)
+            return 1
+        print(f"deleted broker user {args.name!r}" if found else f"no broker user {args.name!r}")
+        return 0
+    capabilities = [c for c in (args.capabilities or "").split(",") if c]
+    if not capabilities:
+        print("--capabilities needs at least one capability", file=sys.stderr)
+        return 2
+    try:
+        url = asyncio.run(credentials.create(settings, args.name, capabilities, args.password))
+    except failed as exc:
+        print(f"cannot create broker user {args.name!r} at {redact_url(settings.management_url)}: {exc}", file=sys.stderr)
+        return 1
+    print(url)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,6 +273,19 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd.add_argument("--goal", default="why the sky is blue")
     sub.add_parser("check", help="check that RabbitMQ and Redis answer")
     sub.add_parser("healthcheck", help="exit 0 if the service here answers /healthz")
+    creds = sub.add_parser(
+        "agent-credentials", help="(admin) an agent's own RabbitMQ user, allowed only what it needs",
+        description="Creates, updates or deletes an agent's RabbitMQ user through the management API "
+                    "(SWITCHBOARD_MANAGEMENT_URL) as its administrator: the management URL's user, else "
+                    "AMQP_URL's. Only who holds that admin can run it.")
+    creds_sub = creds.add_subparsers(dest="action", required=True)
+    create_cmd = creds_sub.add_parser("create", help="create or update the user; prints its AMQP URL")
+    create_cmd.add_argument("name", help="the agent's name (Agent(name)), also the broker user's")
+    create_cmd.add_argument("--capabilities", required=True, help="comma-separated capabilities it serves")
+    create_cmd.add_argument("--password", default=None, help="default: a strong random one")
+    delete_cmd = creds_sub.add_parser("delete", help="delete the user")
+    delete_cmd.add_argument("name")
+    cli_admin.add_parsers(sub)
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.command == "serve":
@@ -247,6 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         return demo(args.url or f"http://{settings.api_host}:{settings.api_port}", args.goal)
     if args.command == "healthcheck":
         return 0 if healthcheck(settings) else 1
+    if args.command == "agent-credentials":
+        return agent_credentials(settings, args)
+    if args.command == "token":
+        return cli_admin.token(settings, args)
+    if args.command == "audit":
+        return cli_admin.audit_verify(settings)
+    if args.command == "keys":
+        return cli_admin.keys(settings, args)
     return 0 if check(settings) else 1
 
 

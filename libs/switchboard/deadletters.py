@@ -2,7 +2,8 @@
 
 Three kinds arrive: a task whose attempts are exhausted (written by the aggregator in the transaction
 that fails the task), a task no live agent took in time, and a message that could not be parsed or
-handled (both through the dead-letter queue, written by the dlq-replayer).
+handled (both through the dead-letter queue, written by the dlq-replayer); among the last, "forged":
+an outcome from a broker user other than the one its attempt belongs to (workflows.Forged).
 Keys: (ns, "dlq", id) → record; ids sort by arrival. (ns, "dlq_dead", reason class, id) → b"" indexes the
 records not yet replayed by the class of their reason, so counting them reads no record.
 """
@@ -42,7 +43,8 @@ def make_record(*, reason: str, queue: str, body: bytes | None = None, envelope:
     }
 
 
-REASONS = ("attempts_exhausted", "non_retryable", "undeliverable", "unparseable", "rejected", "expired", "other")
+REASONS = ("attempts_exhausted", "non_retryable", "undeliverable", "unparseable", "rejected", "expired", "forged",
+           "other")
 COUNT_LIMIT = 100_000  # dead letters counted per reason class, at most
 
 
@@ -52,7 +54,7 @@ def reason_class(reason: str) -> str:
     for prefix, kind in (("attempts exhausted", "attempts_exhausted"), ("non-retryable", "non_retryable"),
                          ("no live agent", "undeliverable"), ("unparseable", "unparseable"),
                          ("expired", "expired"), ("maxlen", "expired"), ("delivery_limit", "expired"),
-                         ("rejected", "rejected")):
+                         ("rejected", "rejected"), ("forged:", "forged")):
         if text.startswith(prefix):
             return kind
     # The bus dead-letters what a handler refused as "<ExceptionType>: <message>".

@@ -32,6 +32,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from switchboard import runtime, telemetry
 from switchboard.bus import Consumer
+from switchboard.codec import Codec, CodecError
 from switchboard.protocol import Envelope, MessageType, WorkflowSpec, validate_workflow
 from switchboard.settings import Settings, get_settings
 from switchboard.telemetry import TaskRun
@@ -66,8 +67,9 @@ class TaskContext:
         self.task_id: str = envelope.task_id or ""
         self.attempt: int = envelope.attempt
         self.capability: str = envelope.payload["capability"]
-        self.payload: dict = envelope.payload.get("payload") or {}
-        self.inputs: dict = envelope.payload.get("inputs") or {}
+        # Sealed payloads and parents' results are opened here, for the handler (switchboard.codec).
+        self.payload: dict = agent.codec.open(envelope.payload.get("payload")) or {}
+        self.inputs: dict = agent.codec.open_each(envelope.payload.get("inputs")) or {}
         self._delegations = 0
 
     async def run_workflow(self, tasks: list[dict], *, name: str | None = None) -> dict:
@@ -82,6 +84,8 @@ class TaskContext:
                           max_tasks=settings.max_tasks_per_workflow)
         key = f"delegate:{self.workflow_id}:{self.task_id}:{self.attempt}:{self._delegations}"
         self._delegations += 1
+        for child in spec.tasks:  # sealed the same way each time, so a re-run finds the same child
+            child.payload = self.agent.codec.seal(child.payload, context=f"{key}:{child.id}")
         return await self.agent._delegate(self, spec, key)
 
     async def delegate(self, capability: str, payload: dict | None = None, **task: Any) -> Any:
@@ -100,8 +104,12 @@ class Agent(runtime.Service):
         self.name = name
         super().__init__(settings or get_settings())
         self.concurrency = concurrency or self.settings.agent_concurrency
+        self.codec = Codec.from_setting(self.settings.payload_keys)
         self.handlers: dict[str, TaskHandler] = {}
-        self.reply_queue = f"{self.settings.namespace}.reply.{name}.{uuid.uuid4().hex[:12]}"
+        self.reply_queue = self.bus.topology.private_queue("reply", name)
+        # Results, statuses, heartbeats and delegations go through agent-out, the one exchange that an
+        # agent's own broker user may write to (switchboard.credentials).
+        self.bus.outbox = self.bus.topology.agent_out
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._cancelled: collections.OrderedDict[str, int] = collections.OrderedDict()  # workflow → epoch
         self._replies: dict[str, asyncio.Future] = {}
@@ -213,7 +221,13 @@ class Agent(runtime.Service):
         else:
             telemetry.emit("task.started", capability=capability, priority=env.priority.value, agent=self.name,
                            queue_wait_s=started_at - env.timestamp)
-            task = asyncio.create_task(handler(TaskContext(self, env)))
+            try:
+                context = TaskContext(self, env)
+            except CodecError as exc:  # sealed with a key this agent lacks: say so, never hand over ciphertext
+                reply, run.outcome = self._error(env, type(exc).__name__, f"payload {exc}", False), "failed"
+                await self.bus.publish(reply, self.bus.topology.results)
+                return
+            task = asyncio.create_task(handler(context))
             self._running[key] = task
             announcing = asyncio.create_task(self._announce_start(env, task, started_at))
             try:
@@ -264,7 +278,7 @@ class Agent(runtime.Service):
             return self._error(env, "ResultTooLarge", f"result is {size} bytes, the limit is "
                                f"{self.settings.max_payload_bytes}", False)
         return Envelope(type=MessageType.RESULT, source=self.name, workflow_id=env.workflow_id,
-                        task_id=env.task_id, attempt=env.attempt, payload={"result": result})
+                        task_id=env.task_id, attempt=env.attempt, payload={"result": self.codec.seal(result)})
 
     def _error(self, env: Envelope, kind: str, message: str, retryable: bool) -> Envelope:
         return Envelope(type=MessageType.ERROR, source=self.name, workflow_id=env.workflow_id,
@@ -298,4 +312,9 @@ class Agent(runtime.Service):
     async def _on_reply(self, env: Envelope, message: AbstractIncomingMessage) -> None:
         future = self._replies.get(env.correlation_id or "")
         if future is not None and not future.done():
-            future.set_result({"workflow_id": env.workflow_id, **env.payload})
+            try:
+                result = self.codec.open_each(env.payload.get("result"))
+            except CodecError as exc:
+                future.set_exception(TaskError(f"the delegated workflow's result: {exc}", retryable=False))
+            else:
+                future.set_result({"workflow_id": env.workflow_id, **env.payload, "result": result})

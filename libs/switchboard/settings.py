@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -13,10 +14,39 @@ def _env(name: str) -> AliasChoices:
     return AliasChoices(f"SWITCHBOARD_{name}", name)
 
 
+_SECRET_NAMES = ("token", "password", "secret", "key")  # a field so named is never shown, only whether it is set
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (if any) replaced by ***: what a log line, an error or a repr may show."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return url
+    if not password:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    userinfo = netloc[0].partition(":")[0]
+    return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[2]}"))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore", populate_by_name=True)
 
+    def __repr_args__(self):
+        # repr() and str() show no secret: URLs without their passwords, secret fields as *** (or '').
+        for name, value in super().__repr_args__():
+            if isinstance(value, str) and value and any(word in (name or "") for word in _SECRET_NAMES):
+                value = "***"
+            elif isinstance(value, str) and "@" in value:
+                value = redact_url(value)
+            yield name, value
+
     amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", validation_alias=_env("AMQP_URL"))
+    # RabbitMQ's management HTTP API, which `switchboard agent-credentials` uses to create agents' broker
+    # users. Its admin is AMQP_URL's user unless the URL names one (http://admin:secret@host:15672).
+    management_url: str = "http://127.0.0.1:15672"
     redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias=_env("REDIS_URL"))
     # sqlite:///path/to/file for the embedded store, fdb:// or fdb:///path/to/fdb.cluster for FoundationDB.
     store_url: str = Field("sqlite:///var/switchboard.sqlite3", validation_alias=_env("STORE_URL"))
@@ -25,8 +55,23 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000
-    # Bearer token required on mutating API calls; empty means local development (no auth).
-    api_token: str = ""
+    # The bootstrap admin token: while it is set every /v1 call needs a token (it, or one made with
+    # POST /v1/tokens); empty means local development (no auth).
+    api_token: str = Field("", repr=False)
+    # Requests a second each token may make, per api replica (a token bucket of api_rate_burst); 0: no limit.
+    api_rate_per_s: float = 100.0
+    api_rate_burst: int = 200
+    # Keys that seal payloads and results (libs/switchboard/codec.py): "id:base64key[,...]", the first
+    # seals, all open. Set on the api and the agents; the other services pass ciphertext along.
+    payload_keys: str = Field("", repr=False)
+
+    @field_validator("payload_keys")
+    @classmethod
+    def _usable_keys(cls, value: str) -> str:
+        from switchboard.codec import parse_keys
+
+        parse_keys(value)  # a clear error now, not at the first task
+        return value
     # Port of a service's /healthz, /readyz and /metrics; 0 picks the service's default port.
     health_port: int = 0
     health_host: str = "127.0.0.1"
@@ -48,6 +93,12 @@ class Settings(BaseSettings):
     # Tasks an agent runs at once; also its prefetch, kept small so queue priority holds under backlog.
     agent_concurrency: int = 4
     log_level: str = "INFO"
+
+
+def amqp_username(url: str) -> str | None:
+    """The broker user an AMQP URL names, or None (the client's default login, or EXTERNAL auth)."""
+    username = urlsplit(url).username
+    return unquote(username) if username else None
 
 
 @lru_cache

@@ -7,6 +7,9 @@ Flow:  api ──workflow.submitted──▶ coordinator ──ready task──�
        aggregator ──retry──▶ delay.<ms> ──(TTL expires)──▶ dispatch
        agent ──status/result/error──▶ results ──▶ aggregator ─tasks.succeeded─▶ coordinator
        agent ──register/heartbeat──▶ registry;  anything unprocessable ──▶ dlx ──▶ dlq ──▶ dlq-replayer
+       agents publish only through agent-out (direct), bound to results, registry and coordinator: RabbitMQ
+                  checks write permission on the exchange, so an agent's broker user may write there and
+                  nowhere else (see switchboard.credentials)
        api ──replay requests──▶ replay ──▶ dlq-replayer (rate-limited)
        control (fanout): pause, resume, stop-all, cancel ──▶ every dispatcher and agent
 """
@@ -14,6 +17,7 @@ Flow:  api ──workflow.submitted──▶ coordinator ──ready task──�
 from __future__ import annotations
 
 import functools
+import uuid
 from dataclasses import dataclass
 
 import aio_pika
@@ -62,6 +66,20 @@ class Topology:
     def events(self) -> str:
         return f"{self.namespace}.events"
 
+    @property
+    def agent_out(self) -> str:
+        return f"{self.namespace}.agent-out"
+
+    @property
+    def agent_out_targets(self) -> tuple[str, ...]:
+        """The queues agent-out routes to (by their names as routing keys): all an agent may publish to."""
+        return self.results, self.registry, self.coordinator
+
+    def private_queue(self, kind: str, owner: str) -> str:
+        """A process's own exclusive queue, `<ns>.<kind>.<owner>.<12 hex>` (kind reply or control): the
+        owner's name in it lets an agent's broker user be allowed its own private queues and no others'."""
+        return f"{self.namespace}.{kind}.{owner}.{uuid.uuid4().hex[:12]}"
+
     def capability_queue(self, capability: str) -> str:
         return f"{self.namespace}.cap.{capability}"
 
@@ -95,6 +113,7 @@ class Topology:
         await dlq.bind(dlx)
         await channel.declare_exchange(self.control, aio_pika.ExchangeType.FANOUT, durable=True)
         await channel.declare_exchange(self.events, aio_pika.ExchangeType.TOPIC, durable=True)
+        agent_out = await channel.declare_exchange(self.agent_out, aio_pika.ExchangeType.DIRECT, durable=True)
         for name, priority in (
             (self.dispatch, True),
             (self.coordinator, False),
@@ -102,7 +121,18 @@ class Topology:
             (self.registry, False),
             (self.replay, False),
         ):
-            await channel.declare_queue(name, durable=True, arguments=self._arguments(priority=priority))
+            queue = await channel.declare_queue(name, durable=True, arguments=self._arguments(priority=priority))
+            if name in self.agent_out_targets:
+                await queue.bind(agent_out, routing_key=name)
+
+    async def check(self, channel: AbstractChannel) -> None:
+        """What an agent whose broker user may not declare needs, checked passively (which needs no
+        permission): a missing one raises ChannelNotFoundEntity. The platform, or `switchboard
+        agent-credentials create`, declares them."""
+        for exchange in (self.control, self.agent_out):
+            await channel.declare_exchange(exchange, passive=True)
+        for name in self.agent_out_targets:
+            await channel.declare_queue(name, passive=True)
 
     async def declare_work_queue(self, channel: AbstractChannel, name: str, *, ttl_s: float | None = None) -> None:
         """A capability, agent, hold or paused queue: durable, so queued tasks outlive every process.

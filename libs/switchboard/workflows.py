@@ -25,7 +25,7 @@ import orjson
 
 from switchboard import deadletters, telemetry
 from switchboard.protocol import Envelope, MessageType, Priority, WorkflowSpec, new_id
-from switchboard.settings import Settings
+from switchboard.settings import Settings, amqp_username
 from switchboard.state import Store, Transaction, pack, prefix_range, unpack
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ TERMINAL_TASK = {"succeeded", "failed", "cancelled"}
 TERMINAL_WORKFLOW = {"succeeded", "failed", "cancelled"}
 _MIN_DELAY_S = 0.05  # shorter retry delays are not worth a trip through a delay queue
 CENSUS_LIMIT = 5_000  # workflows counted by a census, of each status
+RESEAL_BYTES = 2_000_000  # records read by one transaction of a key rotation
 _RELEASES_PER_MESSAGE = 512  # succeeded tasks per "tasks.succeeded" message: one dependency round trip each
 
 
@@ -49,6 +50,14 @@ class IdempotencyConflict(ValueError):
 
 class NotReplayable(ValueError):
     pass
+
+
+class Forged(ValueError):
+    """An outcome of an attempt from a broker user other than the one that claimed it: never recorded;
+    the aggregator dead-letters it, with this as its reason."""
+
+
+TRUSTED = object()  # the sender of outcomes the platform makes itself (watchdog, dead letters)
 
 
 @dataclass
@@ -66,6 +75,8 @@ class FollowUps:
     outcomes: list[tuple[str, str, bool]] = field(default_factory=list)
     # Not messages either: domain events for the telemetry seam, emitted once the transaction committed.
     events: list[tuple[str, dict]] = field(default_factory=list)
+    # Outcomes record() refused, as (index in its batch, reason): forged ones (see Forged).
+    refused: list[tuple[int, str]] = field(default_factory=list)
 
     def extend(self, other: FollowUps) -> None:
         for name in self.__dataclass_fields__:
@@ -125,7 +136,7 @@ def workflow_view(wf: dict, tasks: list[dict]) -> dict:
         "workflow_id": wf["id"], "name": wf.get("name"), "status": wf["status"],
         "created_at": wf["created_at"], "updated_at": wf["updated_at"], "finished_at": wf.get("finished_at"),
         "parent": wf.get("parent"), "error": wf.get("error"), "result": wf.get("result"),
-        "tasks": [task_view(t) for t in tasks],
+        "owner": wf.get("owner"), "tasks": [task_view(t) for t in tasks],
     }
 
 
@@ -135,6 +146,7 @@ class WorkflowStore:
         self.ns = settings.namespace
         self.settings = settings
         self.source = "workflows"
+        self.platform_user = amqp_username(settings.amqp_url) or "guest"  # the services' broker user
 
     # ---- keys and records -------------------------------------------------------------------------
     def _wf_key(self, wf_id: str) -> bytes:
@@ -151,6 +163,11 @@ class WorkflowStore:
         if raw is None:
             raise NotFound(f"no workflow {wf_id!r}")
         return orjson.loads(raw)
+
+    def _owner_of(self, tr: Transaction, parent: object) -> str | None:
+        wf_id = parent.get("workflow_id") if isinstance(parent, dict) else None
+        raw = tr.get(self._wf_key(wf_id)) if isinstance(wf_id, str) else None
+        return orjson.loads(raw).get("owner") if raw else None
 
     def _read_task(self, tr: Transaction, wf_id: str, task_id: str) -> dict:
         raw = tr.get(self._task_key(wf_id, task_id))
@@ -191,7 +208,7 @@ class WorkflowStore:
     # ---- intake -----------------------------------------------------------------------------------
     def _create(self, tr: Transaction, spec: WorkflowSpec, idempotency_key: str | None,
                 parent: dict | None, reply_to: str | None, correlation_id: str | None,
-                traceparent: str | None) -> tuple[str, bool]:
+                traceparent: str | None, owner: str | None = None, seal=None) -> tuple[str, bool]:
         """Stores a new workflow, pending; returns its id and True, or the known one's id and False."""
         digest = spec_digest(spec)
         if idempotency_key:
@@ -217,13 +234,19 @@ class WorkflowStore:
             "task_ids": [t.id for t in spec.tasks], "remaining": len(spec.tasks), "parent": parent,
             "reply_to": reply_to, "correlation_id": correlation_id, "idempotency_key": idempotency_key,
             "epoch": 0, "traceparent": traceparent,
+            # The token that submitted it; a delegated child belongs to its parent's.
+            "owner": self._owner_of(tr, parent) if parent else owner,
         }
         tr.set(self._wf_key(wf_id), orjson.dumps(wf))
+        if wf["owner"]:
+            tr.set(pack(self.ns, "owned", wf["owner"], wf_id), b"")
         tr.set(self._status_key("pending", wf_id), b"")
         tr.set(pack(self.ns, "unscheduled", wf_id), orjson.dumps(now))
         default_retry = {"base_s": 0.5, "max_s": 30.0}
         for t in spec.tasks:
             task = t.model_dump(mode="json")
+            if seal is not None:  # the digest above is of the plain spec: a retried submission matches
+                task["payload"] = seal(task["payload"])
             task.update(
                 timeout_s=t.timeout_s or self.settings.default_timeout_s,
                 max_attempts=t.max_attempts or self.settings.default_max_attempts,
@@ -236,8 +259,8 @@ class WorkflowStore:
             tr.set(pack(self.ns, "idem", idempotency_key), orjson.dumps({"workflow_id": wf_id, "digest": digest}))
         return wf_id, True
 
-    async def create(self, specs: list[WorkflowSpec], idempotency_key: str | None = None
-                     ) -> tuple[list[str], list[str], FollowUps]:
+    async def create(self, specs: list[WorkflowSpec], idempotency_key: str | None = None, owner: str | None = None,
+                     seal=None) -> tuple[list[str], list[str], FollowUps]:
         """Stores workflows (all or none). With a key, the same key and body return the same workflow.
 
         A new workflow in which no task waits for another needs neither the dependency engine nor a
@@ -251,7 +274,7 @@ class WorkflowStore:
             ids, started, out = [], [], FollowUps()
             for i, spec in enumerate(specs):
                 key = idempotency_key if len(specs) == 1 else (idempotency_key and f"{idempotency_key}#{i}")
-                wf_id, new = self._create(tr, spec, key, None, None, None, traceparent)
+                wf_id, new = self._create(tr, spec, key, None, None, None, traceparent, owner, seal)
                 ids.append(wf_id)
                 if new:
                     out.events += _submitted(spec)
@@ -419,13 +442,18 @@ class WorkflowStore:
         return await self.store.read(txn)
 
     # ---- outcomes -------------------------------------------------------------------------------
-    async def record(self, messages: list[Envelope]) -> FollowUps:
-        """Applies a batch of agent statuses, results and errors in one transaction."""
+    async def record(self, messages: list[Envelope], senders: list[str | None] | None = None) -> FollowUps:
+        """Applies a batch of agent statuses, results and errors in one transaction. `senders` are their
+        broker users (AMQP user_id, which RabbitMQ validates); an outcome from a user other than the
+        one that claimed its attempt is refused (out.refused) and the rest of the batch goes on."""
 
         def txn(tr: Transaction) -> FollowUps:
             out = FollowUps()
-            for env in messages:
-                out.extend(self._apply(tr, env))
+            for i, env in enumerate(messages):
+                try:
+                    out.extend(self._apply(tr, env, sender=TRUSTED if senders is None else senders[i]))
+                except Forged as exc:  # raised before the message wrote anything
+                    out.refused.append((i, str(exc)))
             return out
 
         return await self._commit(txn)
@@ -436,18 +464,42 @@ class WorkflowStore:
         telemetry.emit_all(out.events)
         return out
 
-    def _apply(self, tr: Transaction, env: Envelope, *, dead_letter_reason: str | None = None) -> FollowUps:
-        out = self._apply_outcome(tr, env, dead_letter_reason)
+    def _apply(self, tr: Transaction, env: Envelope, *, dead_letter_reason: str | None = None,
+               sender: object = TRUSTED) -> FollowUps:
+        out = self._apply_outcome(tr, env, dead_letter_reason, sender)
         out.caused_by(env.traceparent)
         return out
 
-    def _apply_outcome(self, tr: Transaction, env: Envelope, dead_letter_reason: str | None) -> FollowUps:
+    def _check_sender(self, task: dict, env: Envelope, sender: object) -> None:
+        """Results only from the agent that got the task. The dispatcher cannot know which consumer takes
+        a message from a capability queue, so the broker user of an attempt's first report claims it
+        (task["claim"], written with the task). Later reports of that attempt from another user raise
+        Forged. The platform's own user (the services', reporting timeouts and dead letters) may report
+        on any attempt; a message with no user_id (an older sender) is taken only while nobody claimed
+        the attempt, and claims nothing."""
+        if sender is TRUSTED or sender == self.platform_user:
+            return
+        if task["status"] in TERMINAL_TASK or env.attempt < task["attempts"]:
+            return  # changes nothing (see _apply_outcome)
+        claim = task.get("claim") or {}
+        claimed = claim.get("user") if claim.get("attempt") == env.attempt else None
+        if claimed is None:
+            if sender:
+                task["claim"] = {"attempt": env.attempt, "user": sender}
+            return
+        if sender != claimed:
+            raise Forged(f"{env.type.value} of attempt {env.attempt} of task {task['id']!r} in workflow "
+                         f"{env.workflow_id}, which belongs to broker user {claimed!r}, not {sender or '(none)'!r}")
+
+    def _apply_outcome(self, tr: Transaction, env: Envelope, dead_letter_reason: str | None,
+                       sender: object = TRUSTED) -> FollowUps:
         out = FollowUps()
         wf_raw = tr.get(self._wf_key(env.workflow_id or ""))
         task_raw = tr.get(self._task_key(env.workflow_id or "", env.task_id or ""))
         if wf_raw is None or task_raw is None:
             return out
         wf, task = orjson.loads(wf_raw), orjson.loads(task_raw)
+        self._check_sender(task, env, sender)
         wf_id, now = wf["id"], time.time()
         started_at = env.payload.get("started_at") or now
         if env.type == MessageType.STATUS:
@@ -650,7 +702,7 @@ class WorkflowStore:
         tasks = self._tasks(tr, wf_id)
         for t in tasks:
             if t["id"] == task_id or (t["status"] == "cancelled" and t["reason"] == "workflow failed"):
-                t.update(status="pending", attempts=0, finished_at=None, queued_at=None,
+                t.update(status="pending", attempts=0, finished_at=None, queued_at=None, claim=None,
                          reason="replayed" if t["id"] == task_id else None)
                 self._write_task(tr, wf_id, t)
         self._set_wf_status(tr, wf, "running", error=None)
@@ -659,6 +711,42 @@ class WorkflowStore:
             ready = next(t for t in tasks if t["id"] == ready_id)
             out.dispatch.append(self._queue_task(tr, wf, ready, self._inputs(tr, wf_id, ready)))
         return out
+
+    # ---- key rotation --------------------------------------------------------------------------------
+    async def reseal(self, codec, batch: int = 500) -> int:
+        """Seals every stored payload and result that an older key sealed with the codec's current key, a
+        batch of records a transaction; returns how many records changed."""
+        changed = 0
+        for kind in ("task", "wf"):
+            begin, end = prefix_range(self.ns, kind)
+            while True:
+                def txn(tr: Transaction, begin=begin) -> tuple[int, bytes | None]:
+                    rows = tr.get_range(begin, end, limit=batch)
+                    count, size, last = 0, 0, None
+                    for key, raw in rows:
+                        if size > RESEAL_BYTES:  # FoundationDB commits at most 10 MB a transaction
+                            break
+                        last, size = key, size + len(raw)
+                        record = orjson.loads(raw)
+                        if kind == "task":
+                            new = {"payload": codec.reseal(record.get("payload")),
+                                   "result": codec.reseal(record.get("result"))}
+                        else:
+                            result = record.get("result")
+                            new = {"result": {k: codec.reseal(v) for k, v in result.items()}
+                                   if isinstance(result, dict) else result}
+                        if any(record.get(k) != v for k, v in new.items()):
+                            record.update(new)
+                            tr.set(key, orjson.dumps(record))
+                            count += 1
+                    done = last is None or (last == rows[-1][0] and len(rows) < batch)
+                    return count, None if done else last + b"\x00"
+
+                count, begin = await self.store.transact(txn)
+                changed += count
+                if begin is None:
+                    break
+        return changed
 
     # ---- queries ---------------------------------------------------------------------------------
     async def get(self, wf_id: str) -> dict:
@@ -689,11 +777,20 @@ class WorkflowStore:
 
         return await self.store.read(txn)
 
-    async def list(self, status: str | None, limit: int, after: str | None) -> list[dict]:
-        """Newest first; `after` is the last workflow id of the previous page."""
+    async def list(self, status: str | None, limit: int, after: str | None, owner: str | None = None,
+                   scan: int = 10_000) -> list[dict]:
+        """Newest first; `after` is the last workflow id of the previous page. With `owner`, only the
+        workflows that token submitted (reading at most `scan` of them)."""
 
         def txn(tr: Transaction) -> list[dict]:
-            if status:
+            if owner:
+                begin, end = prefix_range(self.ns, "owned", owner)
+                if after:
+                    end = pack(self.ns, "owned", owner, after)
+                ids = [unpack(k)[-1] for k, _ in tr.get_range(begin, end, limit=scan, reverse=True)]
+                wfs = [wf for wf in (orjson.loads(tr.get(self._wf_key(i))) for i in ids)
+                       if status is None or wf["status"] == status][:limit]
+            elif status:
                 begin, end = prefix_range(self.ns, "status", status)
                 if after:
                     end = self._status_key(status, after)
@@ -704,7 +801,7 @@ class WorkflowStore:
                 if after:
                     end = self._wf_key(after)
                 wfs = [orjson.loads(v) for _, v in tr.get_range(begin, end, limit=limit, reverse=True)]
-            keep = ("name", "status", "created_at", "updated_at", "finished_at", "parent")
+            keep = ("name", "status", "created_at", "updated_at", "finished_at", "parent", "owner")
             return [{"workflow_id": wf["id"], "tasks": len(wf["task_ids"])} | {k: wf.get(k) for k in keep}
                     for wf in wfs]
 

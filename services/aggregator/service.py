@@ -5,6 +5,8 @@ is a few commits a second rather than one a result. A message is acked only afte
 and the batch's follow-ups (dependency releases, retries, replies to delegating agents, cancels) were
 confirmed by the broker, so a crash at any point leads to redelivery, which the store recognises.
 Outcomes then feed the circuit breakers; an agent whose breaker opens is told to stand back.
+Each outcome goes in with its broker user (the AMQP user_id RabbitMQ validated): the store refuses one
+from a user other than the one its attempt belongs to, and its message is dead-lettered as forged.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from switchboard.bus import TRANSIENT, Transient
 from switchboard.protocol import Envelope, MessageType
 from switchboard.runtime import Service
 from switchboard.telemetry import Batch
-from switchboard.workflows import WorkflowStore
+from switchboard.workflows import Forged, WorkflowStore
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,8 @@ class Aggregator(Service):
         self.suspect: set[str] = set()
         self.announced: dict[str, float | None] = {}  # agent breaker → the opening it was told about
         self.breaker_states: dict[str, str] = {}  # as last seen here, to count transitions
-        self.pending: list[tuple[Envelope, asyncio.Future, int]] = []  # outcome, its handler's wait, its size
+        # outcome, its handler's wait, its size, its broker user
+        self.pending: list[tuple[Envelope, asyncio.Future, int, str | None]] = []
         self.wakeup = asyncio.Event()
         self.background(self._write_loop())
         self.every(SUSPECT_REFRESH_S, self._refresh_suspects, "breaker refresh")
@@ -69,7 +72,7 @@ class Aggregator(Service):
         if env.type not in _OUTCOMES or not env.workflow_id or not env.task_id:
             raise ValueError(f"not a task outcome: type={env.type.value} subject={env.subject!r}")
         done = asyncio.get_running_loop().create_future()
-        self.pending.append((env, done, len(message.body)))
+        self.pending.append((env, done, len(message.body), message.user_id))
         self.wakeup.set()
         await done  # the bus acks when this returns: after the commit and the follow-ups
 
@@ -78,25 +81,26 @@ class Aggregator(Service):
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.pending:
-                n = batch_length([size for _, _, size in self.pending[:BATCH_MAX]])
-                batch, self.pending = [(env, done) for env, done, _ in self.pending[:n]], self.pending[n:]
+                n = batch_length([size for _, _, size, _ in self.pending[:BATCH_MAX]])
+                batch = [(env, done, user) for env, done, _, user in self.pending[:n]]
+                self.pending = self.pending[n:]
                 try:
-                    outcomes = await telemetry.batching(Batch("record", [env for env, _ in batch]),
+                    outcomes = await telemetry.batching(Batch("record", [env for env, _, _ in batch]),
                                                         functools.partial(self._commit, batch))
                     if outcomes:
                         await self._feed_breakers(outcomes)
                 except Exception:  # the loop must outlive any batch: waiting handlers depend on it
                     log.exception("aggregator batch failed; its messages will be redelivered")
-                    for _, done in batch:
+                    for _, done, _ in batch:
                         if not done.done():
                             done.set_exception(Transient("aggregator batch failed"))
 
-    async def _commit(self, batch: list[tuple[Envelope, asyncio.Future]]) -> list:
+    async def _commit(self, batch: list[tuple[Envelope, asyncio.Future, str | None]]) -> list:
         try:
-            out = await self.workflows.record([env for env, _ in batch])
+            out = await self.workflows.record([env for env, _, _ in batch], [user for _, _, user in batch])
             await out.publish(self.bus, self.routes)
         except TRANSIENT as exc:
-            for _, done in batch:
+            for _, done, _ in batch:
                 if not done.done():  # a handler cancelled while draining no longer waits
                     done.set_exception(Transient(str(exc)))
             return []
@@ -107,7 +111,10 @@ class Aggregator(Service):
                 return []
             # Find the one message that cannot be applied; the rest go through.
             return [o for item in batch for o in await self._commit([item])]
-        for _, done in batch:
+        for i, reason in out.refused:  # the bus dead-letters these: "Forged: <reason>"
+            if not batch[i][1].done():
+                batch[i][1].set_exception(Forged(reason))
+        for _, done, _ in batch:
             if not done.done():
                 done.set_result(None)
         return out.outcomes

@@ -18,10 +18,14 @@ from starlette.routing import Match, Route
 
 from switchboard import telemetry
 from switchboard.protocol import Envelope, InvalidSpec, MessageType, TaskSpec, WorkflowSpec, validate_workflow
+from switchboard.codec import CodecError
 from switchboard.control import message as control_message
 from switchboard.telemetry import HttpRequest
 from switchboard.telemetry.metrics import exposition
+from switchboard.tokens import Principal, Role
 from switchboard.workflows import TERMINAL_WORKFLOW, IdempotencyConflict, NotFound, NotReplayable
+
+from services.api.auth import Guard, Refused
 
 if TYPE_CHECKING:
     from services.api.service import Api
@@ -157,12 +161,21 @@ class ErrorBody(BaseModel):
 _MEANINGS = {
     400: "The body is not valid JSON.",
     401: "No valid bearer token: send 'Authorization: Bearer <token>'.",
-    404: "No such workflow or dead letter.",
+    403: "The token's role may not do this.",
+    404: "No such workflow, dead letter or token (or, for a submitter, not one of its own).",
     409: "Conflict: the idempotency key was used for a different request, or the dead letter cannot be replayed.",
     413: "The body, or a task's payload, is over the limit.",
     422: "The request does not follow the schema, or the workflow breaks a rule (ids, dependencies, sizes).",
+    429: "Over this token's request rate: retry after the Retry-After header's seconds.",
     503: "The store or the broker is unavailable: retry later.",
 }
+
+
+def _try(open_, value):
+    try:
+        return open_(value)
+    except CodecError:
+        return value
 
 
 def answers(*statuses: int) -> dict:
@@ -174,6 +187,15 @@ class TaskSubmission(TaskSpec):
     """One task on its own: a workflow of one, so the same model as a workflow's task."""
 
     id: str = Field("task", min_length=1, max_length=128)
+
+
+class TokenRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(min_length=1, max_length=128, description="who or what holds it")
+    role: Role
+    expires_in_s: float | None = Field(None, gt=0, le=10 * 365 * 24 * 3600, strict=True,
+                                       description="none: it lasts until revoked")
 
 
 class ReplayRequest(BaseModel):
@@ -214,6 +236,12 @@ def create_app(service: Api) -> FastAPI:
     async def _api_error(request: Request, exc: ApiError):
         return _error(exc.status, exc.code, exc.message, exc.details)
 
+    @app.exception_handler(Refused)
+    async def _refused(request: Request, exc: Refused):
+        response = _error(exc.status, exc.code, exc.message)
+        response.headers.update(exc.headers)
+        return response
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         errors = exc.errors()
@@ -245,11 +273,8 @@ def create_app(service: Api) -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_payload_bytes * 4 + 64 * 1024)
     app.add_middleware(Observed)  # added last, so outermost: it also sees what BodyLimit refuses
 
-    async def authenticated(authorization: Annotated[str | None, Header()] = None) -> None:
-        if settings.api_token and authorization != f"Bearer {settings.api_token}":
-            raise ApiError(401, "unauthorized", "this call needs 'Authorization: Bearer <token>'")
-
-    mutating = [Depends(authenticated)]
+    guard = Guard(service)
+    allow = guard.allow
 
     def check(spec: WorkflowSpec) -> None:
         try:
@@ -259,12 +284,13 @@ def create_app(service: Api) -> FastAPI:
             status = 413 if exc.code == "payload_too_large" else 422
             raise ApiError(status, exc.code, str(exc)) from exc
 
-    async def submit(specs: list[WorkflowSpec], key: str | None) -> tuple[list[str], list[str]]:
+    async def submit(specs: list[WorkflowSpec], key: str | None, who: Principal) -> tuple[list[str], list[str]]:
         """Stores the workflows; returns their ids and the ids of those that started at once."""
         for spec in specs:
             check(spec)
         try:
-            ids, started, ready = await service.workflows.create(specs, key)
+            ids, started, ready = await service.workflows.create(
+                specs, key, owner=who.id, seal=service.codec.seal if service.codec.enabled else None)
         except IdempotencyConflict as exc:
             raise ApiError(409, "idempotency_conflict", str(exc)) from exc
         # Stored is accepted: whatever cannot be sent now, the coordinator's intake sweep sends later.
@@ -283,56 +309,83 @@ def create_app(service: Api) -> FastAPI:
                 log.warning("could not queue the tasks of workflows %s: %s", started, exc)
         return ids, started
 
-    @app.post("/v1/workflows", status_code=202, dependencies=mutating, responses=answers(400, 401, 409, 413, 422))
-    async def submit_workflow(spec: WorkflowSpec, idempotency_key: IdempotencyKey = None):
-        [wf_id], started = await submit([spec], idempotency_key)
+    @app.post("/v1/workflows", status_code=202, responses=answers(400, 401, 403, 409, 413, 422, 429))
+    async def submit_workflow(spec: WorkflowSpec, idempotency_key: IdempotencyKey = None,
+                              who: Principal = Depends(allow("workflows.submit"))):
+        [wf_id], started = await submit([spec], idempotency_key, who)
         return {"workflow_id": wf_id, "status": "running" if started else "pending", "tasks": len(spec.tasks)}
 
-    @app.post("/v1/workflows/batch", status_code=202, dependencies=mutating, responses=answers(400, 401, 409, 413, 422))
-    async def submit_workflows(batch: WorkflowBatch, idempotency_key: IdempotencyKey = None):
-        ids, _ = await submit(batch.workflows, idempotency_key)
+    @app.post("/v1/workflows/batch", status_code=202, responses=answers(400, 401, 403, 409, 413, 422, 429))
+    async def submit_workflows(batch: WorkflowBatch, idempotency_key: IdempotencyKey = None,
+                               who: Principal = Depends(allow("workflows.submit"))):
+        ids, _ = await submit(batch.workflows, idempotency_key, who)
         return {"workflow_ids": ids}
 
-    @app.post("/v1/tasks", status_code=202, dependencies=mutating, responses=answers(400, 401, 409, 413, 422))
-    async def submit_task(task: TaskSubmission, idempotency_key: IdempotencyKey = None):
+    @app.post("/v1/tasks", status_code=202, responses=answers(400, 401, 403, 409, 413, 422, 429))
+    async def submit_task(task: TaskSubmission, idempotency_key: IdempotencyKey = None,
+                          who: Principal = Depends(allow("workflows.submit"))):
         spec = WorkflowSpec(tasks=[task.model_dump()])
-        [wf_id], _ = await submit([spec], idempotency_key)
+        [wf_id], _ = await submit([spec], idempotency_key, who)
         return {"workflow_id": wf_id, "task_id": task.id}
 
-    @app.get("/v1/workflows/{workflow_id}", responses=answers(404, 422))
-    async def get_workflow(workflow_id: str, wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0):
+    async def visible(request: Request, who: Principal, workflow_id: str) -> dict:
+        """The workflow's view, if the caller may see it: a submitter sees only its own (others are absent)."""
+        try:
+            view = await service.workflows.get(workflow_id)
+        except NotFound as exc:
+            raise ApiError(404, "workflow_not_found", str(exc)) from exc
+        if request.state.only_own and view["owner"] != who.id:
+            raise ApiError(404, "workflow_not_found", f"no workflow {workflow_id!r}")
+        return view
+
+    def opened(view: dict) -> dict:
+        """The view with its results opened, for a reader allowed to see it. A value sealed with a key this
+        api lacks stays sealed: it names its key."""
+        codec = service.codec
+        for task in view["tasks"]:
+            task["result"] = _try(codec.open, task["result"])
+        if isinstance(view["result"], dict):
+            view["result"] = {k: _try(codec.open, v) for k, v in view["result"].items()}
+        return view
+
+    @app.get("/v1/workflows/{workflow_id}", responses=answers(401, 403, 404, 422, 429))
+    async def get_workflow(request: Request, workflow_id: str,
+                           wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S)] = 0,
+                           who: Principal = Depends(allow("read", own="workflows.read_own"))):
         deadline = time.monotonic() + wait
         pause = 0.02
         while True:
-            try:
-                view = await service.workflows.get(workflow_id)
-            except NotFound as exc:
-                raise ApiError(404, "workflow_not_found", str(exc)) from exc
+            view = await visible(request, who, workflow_id)
             remaining = deadline - time.monotonic()
             if view["status"] in TERMINAL_WORKFLOW or remaining <= 0:
-                return view
+                return opened(view)
             await asyncio.sleep(min(pause, remaining))
             pause = min(pause * 2, 0.25)
 
-    @app.get("/v1/workflows", responses=answers(422))
+    @app.get("/v1/workflows", responses=answers(401, 403, 422, 429))
     async def list_workflows(
+        request: Request,
         status: Annotated[str | None, Query(pattern="^(pending|running|succeeded|failed|cancelled)$")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         after: Annotated[str | None, Query(description="workflow_id of the previous page's last item")] = None,
+        who: Principal = Depends(allow("read", own="workflows.read_own")),
     ):
-        items = await service.workflows.list(status, limit, after)
+        items = await service.workflows.list(status, limit, after, owner=who.id if request.state.only_own else None)
         return {"workflows": items, "next": items[-1]["workflow_id"] if len(items) == limit else None}
 
-    @app.post("/v1/workflows/{workflow_id}/cancel", dependencies=mutating, responses=answers(401, 404, 422))
-    async def cancel_workflow(workflow_id: str):
+    @app.post("/v1/workflows/{workflow_id}/cancel", responses=answers(401, 403, 404, 422, 429))
+    async def cancel_workflow(request: Request, workflow_id: str,
+                              who: Principal = Depends(allow("workflows.cancel", own="workflows.cancel_own",
+                                                             action="workflow.cancel"))):
+        await visible(request, who, workflow_id)
         try:
             view, out = await service.workflows.cancel(workflow_id)
         except NotFound as exc:
             raise ApiError(404, "workflow_not_found", str(exc)) from exc
         await out.publish(service.bus)
-        return view
+        return opened(view)
 
-    @app.get("/v1/agents")
+    @app.get("/v1/agents", dependencies=[Depends(allow("read"))], responses=answers(401, 403, 429))
     async def list_agents():
         """Agents with their capabilities, health and circuit breakers; and each capability's breaker."""
         agents = await service.registry.agents()
@@ -343,7 +396,7 @@ def create_app(service: Api) -> FastAPI:
             agent["breaker"] = breakers[f"agent:{agent['name']}"]
         return {"agents": agents, "capabilities": {c: {"breaker": breakers[f"cap:{c}"]} for c in capabilities}}
 
-    @app.get("/v1/dlq", responses=answers(422))
+    @app.get("/v1/dlq", dependencies=[Depends(allow("read"))], responses=answers(401, 403, 422, 429))
     async def list_dead_letters(
         capability: str | None = None, reason: str | None = None, workflow_id: str | None = None,
         since: float | None = Query(None, description="unix time"), until: float | None = None,
@@ -355,14 +408,15 @@ def create_app(service: Api) -> FastAPI:
                                                 workflow_id=workflow_id, since=since, until=until, status=status)
         return {"dead_letters": items, "next": items[-1]["id"] if len(items) == limit else None}
 
-    @app.get("/v1/dlq/{dead_letter_id}", responses=answers(404, 422))
+    @app.get("/v1/dlq/{dead_letter_id}", dependencies=[Depends(allow("read"))], responses=answers(401, 403, 404, 422, 429))
     async def get_dead_letter(dead_letter_id: str):
         record = await service.dead_letters.get(dead_letter_id)
         if record is None:
             raise ApiError(404, "dead_letter_not_found", f"no dead letter {dead_letter_id!r}")
         return record
 
-    @app.post("/v1/dlq/{dead_letter_id}/replay", dependencies=mutating, responses=answers(401, 404, 409, 422))
+    @app.post("/v1/dlq/{dead_letter_id}/replay", dependencies=[Depends(allow("dlq.replay", action="dlq.replay"))],
+              responses=answers(401, 403, 404, 409, 422, 429))
     async def replay_dead_letter(dead_letter_id: str):
         try:
             out = await service.workflows.replay(dead_letter_id)
@@ -373,7 +427,8 @@ def create_app(service: Api) -> FastAPI:
         await out.publish(service.bus)
         return await service.dead_letters.get(dead_letter_id)
 
-    @app.post("/v1/dlq/replay", status_code=202, dependencies=mutating, responses=answers(400, 401, 413, 422))
+    @app.post("/v1/dlq/replay", status_code=202, dependencies=[Depends(allow("dlq.replay", action="dlq.replay_many"))],
+              responses=answers(400, 401, 403, 413, 422, 429))
     async def replay_dead_letters(request: ReplayRequest):
         """Replays every matching dead letter, at most rate_per_s a second, in the dlq-replayer."""
         filters = request.model_dump(exclude={"rate_per_s", "limit"}, exclude_none=True)
@@ -383,13 +438,14 @@ def create_app(service: Api) -> FastAPI:
         await service.bus.publish(ask, service.bus.topology.replay)
         return {"matched": len(matched), "rate_per_s": request.rate_per_s}
 
-    @app.delete("/v1/dlq/{dead_letter_id}", status_code=204, dependencies=mutating, responses=answers(401, 404, 422))
+    @app.delete("/v1/dlq/{dead_letter_id}", status_code=204, dependencies=[Depends(allow("dlq.delete", action="dlq.delete"))],
+                responses=answers(401, 403, 404, 422, 429))
     async def delete_dead_letter(dead_letter_id: str):
         if not await service.dead_letters.delete(dead_letter_id):
             raise ApiError(404, "dead_letter_not_found", f"no dead letter {dead_letter_id!r}")
         return Response(status_code=204)
 
-    @app.get("/v1/control")
+    @app.get("/v1/control", dependencies=[Depends(allow("read"))], responses=answers(401, 403, 429))
     async def get_control():
         return await service.controls.get()
 
@@ -398,21 +454,56 @@ def create_app(service: Api) -> FastAPI:
         await service.bus.broadcast(control_message(state, "api"))
         return state
 
-    @app.post("/v1/control/stop-all", dependencies=mutating, responses=answers(401, 422))
+    @app.post("/v1/control/stop-all", dependencies=[Depends(allow("control", action="control.stop-all"))],
+              responses=answers(401, 403, 422, 429))
     async def stop_all():
         """The emergency stop: no task is dispatched and agents take no new work; in-flight work finishes
         (or, if its agent stops, is requeued). Undo with resume."""
         return await control("stop-all", None)
 
-    @app.post("/v1/control/pause", dependencies=mutating, responses=answers(400, 401, 413, 422))
+    @app.post("/v1/control/pause", dependencies=[Depends(allow("control", action="control.pause"))],
+              responses=answers(400, 401, 403, 413, 422, 429))
     async def pause(request: ControlRequest | None = None):
         """Pause dispatching of one capability, or of everything: tasks wait, queued, until resumed."""
         return await control("pause", request.capability if request else None)
 
-    @app.post("/v1/control/resume", dependencies=mutating, responses=answers(400, 401, 413, 422))
+    @app.post("/v1/control/resume", dependencies=[Depends(allow("control", action="control.resume"))],
+              responses=answers(400, 401, 403, 413, 422, 429))
     async def resume(request: ControlRequest | None = None):
         """Resume one capability, or everything (this also lifts stop-all)."""
         return await control("resume", request.capability if request else None)
+
+    @app.post("/v1/tokens", status_code=201, responses=answers(400, 401, 403, 413, 422, 429))
+    async def create_token(request: TokenRequest, who: Principal = Depends(allow("tokens", action="token.create"))):
+        """A new token, shown once in this answer: only its hash is kept."""
+        record, token = await service.tokens.create(request.name, request.role, request.expires_in_s, who.id)
+        return {**record, "token": token}
+
+    @app.get("/v1/tokens", dependencies=[Depends(allow("tokens"))], responses=answers(401, 403, 429))
+    async def list_tokens():
+        """Every token, without its secret (revoked and expired ones too)."""
+        return {"tokens": await service.tokens.list()}
+
+    @app.delete("/v1/tokens/{token_id}", dependencies=[Depends(allow("tokens", action="token.revoke"))],
+                responses=answers(401, 403, 404, 422, 429))
+    async def revoke_token(token_id: str):
+        """Revokes a token: every api replica refuses it within a second."""
+        record = await service.tokens.revoke(token_id)
+        if record is None:
+            raise ApiError(404, "token_not_found", f"no token {token_id!r}")
+        return record
+
+    @app.get("/v1/audit", dependencies=[Depends(allow("audit"))], responses=answers(401, 403, 422, 429))
+    async def read_audit(
+        since: float | None = Query(None, description="unix time"),
+        actor: str | None = Query(None, max_length=128, description="token id or name"),
+        action: str | None = Query(None, max_length=64),
+        after: Annotated[int, Query(ge=0, description="seq of the previous page's last record")] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ):
+        """The audit log, oldest first; each record holds the hash of the one before it."""
+        records = await service.audit.list(since=since, actor=actor, action=action, after=after, limit=limit)
+        return {"records": records, "next": records[-1]["seq"] if len(records) == limit else None}
 
     @app.get("/healthz")
     async def healthz():

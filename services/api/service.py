@@ -10,10 +10,13 @@ import uvicorn
 from services.api.app import create_app
 import redis
 
+from switchboard.audit import AuditLog
 from switchboard.breakers import Breakers
+from switchboard.codec import Codec
 from switchboard.control import Controls
 from switchboard.registry import RegistryClient
 from switchboard.runtime import Service
+from switchboard.tokens import Tokens
 from switchboard.deadletters import DeadLetters
 from switchboard.workflows import WorkflowStore
 
@@ -41,6 +44,9 @@ class Api(Service):
         self.registry = RegistryClient(self.redis, self.settings)
         self.dead_letters = DeadLetters(self.store, self.settings)
         self.controls = Controls(self.store, self.settings.namespace)
+        self.tokens = Tokens(self.store, self.settings.namespace, bootstrap=self.settings.api_token)
+        self.audit = AuditLog(self.store, self.settings.namespace)
+        self.codec = Codec.from_setting(self.settings.payload_keys)
         self.breakers = Breakers(redis.Redis.from_url(self.settings.redis_url), self.settings)
         self.app = create_app(self)
         config = uvicorn.Config(self.app, host=self.settings.api_host, port=self.port, lifespan="off",

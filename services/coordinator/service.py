@@ -69,6 +69,10 @@ class Coordinator(Service):
         self.rq_thread.shutdown(wait=False, cancel_futures=True)
 
     async def handle(self, env: Envelope, message) -> None:
+        if env.reply_to and not env.reply_to.startswith(f"{self.settings.namespace}.reply."):
+            # Agents ask here through agent-out; their replies go only to a reply queue, never to a
+            # queue that they may not publish to themselves (dispatch, another capability's).
+            raise ValueError(f"reply_to {env.reply_to!r} is not a reply queue")
         if env.subject == "workflow.submitted":
             await self.take_in(env.payload["workflow_ids"], redelivered=message.redelivered)
         elif env.subject == "workflow.submit":

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aio_pika
@@ -69,8 +70,41 @@ def _terminate(proc: subprocess.Popen, sig: int, timeout: float) -> bool:
         return False
 
 
-async def _amqp_ping(port: int) -> None:
-    """Raises unless the broker on this port accepts an AMQP connection."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """A test CA and a server certificate signed by it (CN localhost, SAN localhost and 127.0.0.1)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_test_ca(base: Path) -> TlsFiles:
+    """A throwaway CA and server certificate, made with the openssl CLI (valid two days)."""
+    base = Path(base)
+    base.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=base, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=switchboard-test-ca",
+            "-keyout", "ca.key", "-out", "ca.pem",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
+            "-out", "server.csr")
+    (base / "server.ext").write_text("basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                                     "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", "server.ext", "-out", "server.pem")
+    return TlsFiles(ca=base / "ca.pem", cert=base / "server.pem", key=base / "server.key")
+
+
+def tls_available() -> str | None:
+    return None if shutil.which("openssl") else "the openssl CLI is not installed"
+
+
+async def _amqp_ping(port: int, url: str | None = None) -> None:
+    """Raises unless the broker on this port accepts an AMQP connection (at `url`, if given)."""
     _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)  # cheap first check
     writer.close()
     quiet = [logging.getLogger(n) for n in ("aiormq", "aio_pika")]
@@ -78,7 +112,7 @@ async def _amqp_ping(port: int) -> None:
     for q in quiet:
         q.setLevel(logging.CRITICAL)
     try:
-        connection = await asyncio.wait_for(aio_pika.connect(f"amqp://guest:guest@127.0.0.1:{port}/"), 5)
+        connection = await asyncio.wait_for(aio_pika.connect(url or f"amqp://guest:guest@127.0.0.1:{port}/"), 5)
         await connection.close()
     finally:
         for q, level in zip(quiet, levels):
@@ -86,14 +120,19 @@ async def _amqp_ping(port: int) -> None:
 
 
 class PrivateRabbitMQ:
-    """`rabbitmq-server` in the foreground as a child process (its own process group), no plugins."""
+    """`rabbitmq-server` in the foreground as a child process (its own process group), no plugins.
 
-    def __init__(self, base: Path, port: int | None = None):
+    With `tls`, it also listens for AMQP over TLS on `tls_port` (`tls_url` trusts the test CA)."""
+
+    def __init__(self, base: Path, port: int | None = None, *, tls: TlsFiles | None = None):
         self.base = Path(base)
         self.port = port or free_port_pair()
         self.dist_port = self.port + 20000
         self.node = f"chaos{self.port}@localhost"
         self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+        self.tls = tls
+        self.tls_port = free_port_pair(offset=0) if tls else None
+        self.tls_url = f"amqps://guest:guest@localhost:{self.tls_port}/?cafile={tls.ca}" if tls else None
         self.proc: subprocess.Popen | None = None
         self.starts: list[float] = []  # seconds each start took until an AMQP connection succeeded
         self.stops: list[float] = []
@@ -105,6 +144,10 @@ class PrivateRabbitMQ:
             "loopback_users = none\n"
             "log.console = false\n"
             "log.file.level = info\n"
+            + (f"listeners.ssl.local = 127.0.0.1:{self.tls_port}\n"
+               f"ssl_options.cacertfile = {tls.ca}\nssl_options.certfile = {tls.cert}\n"
+               f"ssl_options.keyfile = {tls.key}\n"
+               "ssl_options.verify = verify_none\nssl_options.fail_if_no_peer_cert = false\n" if tls else "")
         )
         # Our own env file, so /etc/rabbitmq/rabbitmq-env.conf (which names the shared node) is not read.
         (self.base / "rabbitmq-env.conf").write_text("ERL_EPMD_ADDRESS=127.0.0.1\n")
@@ -150,6 +193,8 @@ class PrivateRabbitMQ:
                                    f"{(self.base / f'server.{self._incarnation - 1}.out').read_text()[-3000:]}")
             try:
                 await _amqp_ping(self.port)
+                if self.tls:
+                    await _amqp_ping(self.tls_port, self.tls_url)
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -205,13 +250,17 @@ class PrivateRabbitMQ:
 
 
 class PrivateRedis:
-    """`redis-server` without persistence: a restart loses all its data."""
+    """`redis-server` without persistence: a restart loses all its data.
 
-    def __init__(self, base: Path, port: int | None = None):
+    With `tls`, it listens only for TLS (no plain port) and `url` is a rediss:// URL trusting the test CA."""
+
+    def __init__(self, base: Path, port: int | None = None, *, tls: TlsFiles | None = None):
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port_pair(offset=0)
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.tls = tls
+        self.url = (f"rediss://localhost:{self.port}/0?ssl_ca_certs={tls.ca}" if tls
+                    else f"redis://127.0.0.1:{self.port}/0")
         self.proc: subprocess.Popen | None = None
         self.starts: list[float] = []
         self._incarnation = 0
@@ -221,8 +270,13 @@ class PrivateRedis:
         began = time.monotonic()
         out = open(self.base / f"redis.{self._incarnation}.out", "wb")
         self._incarnation += 1
+        ports = ["--port", str(self.port)]
+        if self.tls:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
+                     "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+                     "--tls-auth-clients", "no"]
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            ["redis-server", *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
              "--dir", str(self.base)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         out.close()

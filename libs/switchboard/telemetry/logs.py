@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -17,6 +18,14 @@ import orjson
 from opentelemetry import trace
 
 from switchboard.telemetry import Call, Consumed, Plugin, TaskRun
+
+# user:password@ in any URL (amqp, amqps, redis, rediss, http...): a line never shows the password.
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@")
+
+
+def redact(text: str) -> str:
+    return _URL_PASSWORD.sub(r"\1***@", text) if "://" in text else text
+
 
 # (workflow id, task id) of the message or task being processed: one variable, so one set and reset each.
 ids: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("ids", default=(None, None))
@@ -52,7 +61,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "service": self.service,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": redact(record.getMessage()),
         }
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
@@ -63,7 +72,7 @@ class JsonFormatter(logging.Formatter):
             if value:
                 line[key] = value
         if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
+            line["exc"] = redact(self.formatException(record.exc_info))
         return orjson.dumps(line).decode()
 
 
