@@ -222,6 +222,9 @@ async def test_another_agent_cannot_complete_or_fail_a_task_it_was_not_given(mak
     assert counts["forged"] == 3
     view = (await platform.client.get(f"/v1/workflows/{wf_id}")).json()
     assert view["tasks"][0]["status"] == "running" and not view["tasks"][0]["errors"]  # nothing recorded
+    # Replayed, a forgery would come from the platform's user, which is trusted: it never is.
+    refused = await platform.client.post(f"/v1/dlq/{letters[0]['id']}/replay")
+    assert refused.status_code == 409 and "forged" in refused.json()["error"]["message"]
     release.set()
     view = await platform.wait(wf_id)
     assert view["status"] == "succeeded" and view["result"] == {"t": {"by": "owner"}}

@@ -679,6 +679,9 @@ class WorkflowStore:
             record = orjson.loads(raw)
             if record["status"] != "dead":
                 raise NotReplayable(f"dead letter {dl_id!r} was replayed already")
+            if deadletters.reason_class(record["reason"]) == "forged":
+                # Published again it would come from the platform's own user, whom the claims trust.
+                raise NotReplayable(f"dead letter {dl_id!r} is a forged outcome: it is kept, never replayed")
             deadletters.mark_replayed(tr, self.ns, record, time.time())
             out.events.append(("dead_letter.replayed", {}))
             envelope = record.get("envelope") or {}
