@@ -266,6 +266,9 @@ async def test_claims_in_one_batch_platform_and_legacy_senders(tmp_path):
         out = await workflows.record([report(MessageType.STATUS, "c", attempt=2), report(MessageType.RESULT, "c", 2)],
                                      ["dave", None])
         assert [i for i, _ in out.refused] == [1] and "not '(none)'" in out.refused[0][1]
+        # An agent that ran attempt 2 cannot jump ahead and claim an attempt never given out.
+        out = await workflows.record([report(MessageType.RESULT, "c", attempt=5, result="jumped")], ["mallory"])
+        assert [i for i, _ in out.refused] == [0] and "never given out" in out.refused[0][1]
     finally:
         await store.close()
 

@@ -481,6 +481,9 @@ class WorkflowStore:
             return
         if task["status"] in TERMINAL_TASK or env.attempt < task["attempts"]:
             return  # changes nothing (see _apply_outcome)
+        if env.attempt > task["attempts"] + 1:  # the platform gives out one attempt at a time
+            raise Forged(f"{env.type.value} of attempt {env.attempt} of task {task['id']!r} in workflow "
+                         f"{env.workflow_id}, which was never given out (the latest is {task['attempts'] + 1})")
         claim = task.get("claim") or {}
         claimed = claim.get("user") if claim.get("attempt") == env.attempt else None
         if claimed is None:
