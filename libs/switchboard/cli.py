@@ -11,11 +11,23 @@
   switchboard agent-credentials create NAME --capabilities a,b [--password P]
                               (admin) give an agent a RabbitMQ user of its own, allowed only what that
                               agent needs; prints its AMQP URL. `... delete NAME` removes the user
+  switchboard submit FILE [--wait] | workflows [--status S] | show ID | wait ID | cancel ID
+                              workflows through the REST API; --wait follows them live
+  switchboard dag ID [--format ascii|mermaid|svg] [--out FILE]
+                              a workflow's DAG with each task's status
+  switchboard agents | dlq list|show|replay|delete | control show|stop-all|pause|resume [--capability C]
+  switchboard top             a full-screen live view of agents, capabilities, workflows and controls
   switchboard token create NAME --role R [--expires-in S] | list | revoke ID
                               (admin) API tokens, through the REST API
   switchboard audit verify    check the audit log's hash chain in the store; names the first broken link
   switchboard keys generate | reencrypt
                               (admin) a new payload key; seal stored payloads and results with the current one
+
+Every REST command takes --api URL (default SWITCHBOARD_API_URL, else http://127.0.0.1:8000), --token T
+(default SWITCHBOARD_TOKEN, else SWITCHBOARD_API_TOKEN) and --output text|json (json: one document on
+stdout, for scripts).
+Exit status of the REST commands: 0 success (a waited-for workflow succeeded); 1 a workflow failed or
+was cancelled, or the API refused the call; 2 bad usage or input; 3 the API cannot be reached.
 """
 
 from __future__ import annotations
@@ -29,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from switchboard import cli_admin
+from switchboard import cli_admin, cli_client, cli_commands, cli_top
 from switchboard.settings import Settings, get_settings, redact_url
 
 SERVICES = {
@@ -170,55 +182,6 @@ def _tracing_status() -> str:
             "(Jaeger's OTLP/HTTP port)")
 
 
-def demo(url: str, goal: str) -> int:
-    import httpx
-
-    spec = {
-        "name": "demo: planner delegates",
-        "tasks": [
-            {"id": "plan", "capability": "plan", "priority": "HIGH",
-             "payload": {"goal": goal, "steps": ["gather facts", "find counterpoints", "check sources"]}},
-            {"id": "review", "capability": "echo", "depends_on": ["plan"], "payload": {"role": "reviewer"}},
-        ],
-    }
-    headers = {"Authorization": f"Bearer {os.environ['SWITCHBOARD_API_TOKEN']}"} \
-        if os.environ.get("SWITCHBOARD_API_TOKEN") else {}
-    with httpx.Client(base_url=url, timeout=30, headers=headers) as client:
-        try:
-            response = client.post("/v1/workflows", json=spec)
-        except httpx.ConnectError:
-            print(f"no Switchboard API at {url}: start it with `make run` first")
-            return 1
-        response.raise_for_status()
-        wf_id = response.json()["workflow_id"]
-        print(f"submitted workflow {wf_id}\n")
-        seen: dict[str, str] = {}
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            view = client.get(f"/v1/workflows/{wf_id}", params={"wait": 1}).json()
-            for task in view["tasks"]:
-                if seen.get(task["id"]) != task["status"]:
-                    seen[task["id"]] = task["status"]
-                    why = f" ({task['reason']})" if task.get("reason") else ""
-                    print(f"  {task['id']:8} {task['status']}{why}")
-            if view["status"] in ("succeeded", "failed", "cancelled"):
-                break
-        else:
-            print("the workflow did not finish in 120s; is `make run` up?")
-            return 1
-        print(f"\nworkflow {view['status']}")
-        import json
-
-        for task in view["tasks"]:
-            print(f"\n{task['id']} result:\n{json.dumps(task['result'] or task['error'], indent=2)}")
-        children = client.get("/v1/workflows", params={"limit": 10}).json()["workflows"]
-        linked = [w for w in children if (w.get("parent") or {}).get("workflow_id") == wf_id]
-        for child in linked:
-            print(f"\nchild workflow {child['workflow_id']} ({child['name']}) of task "
-                  f"{child['parent']['task_id']}: {child['status']}")
-        return 0 if view["status"] == "succeeded" else 1
-
-
 def healthcheck(settings: Settings) -> bool:
     """The service here answers /healthz: on its health port, or, for the api, on the API port."""
     import urllib.request
@@ -268,9 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd = sub.add_parser("serve", help="run one service, or the example agents")
     serve_cmd.add_argument("service", choices=[*SERVICES, "agents"])
     sub.add_parser("run", help="run every service and the example agents")
-    demo_cmd = sub.add_parser("demo", help="submit a delegating workflow and follow it")
-    demo_cmd.add_argument("--url", default=None, help="API base URL (default: from settings)")
-    demo_cmd.add_argument("--goal", default="why the sky is blue")
     sub.add_parser("check", help="check that RabbitMQ and Redis answer")
     sub.add_parser("healthcheck", help="exit 0 if the service here answers /healthz")
     creds = sub.add_parser(
@@ -286,15 +246,19 @@ def main(argv: list[str] | None = None) -> int:
     delete_cmd = creds_sub.add_parser("delete", help="delete the user")
     delete_cmd.add_argument("name")
     cli_admin.add_parsers(sub)
+    cli_commands.add_parsers(sub)
+    cli_top.add_parser(sub)
     args = parser.parse_args(argv)
     settings = get_settings()
+    if args.command in cli_commands.COMMANDS:
+        return cli_client.run(settings, args, cli_commands.COMMANDS[args.command])
+    if args.command == "top":
+        return cli_client.run(settings, args, cli_top.top)
     if args.command == "serve":
         serve(args.service)
         return 0
     if args.command == "run":
         return run_all()
-    if args.command == "demo":
-        return demo(args.url or f"http://{settings.api_host}:{settings.api_port}", args.goal)
     if args.command == "healthcheck":
         return 0 if healthcheck(settings) else 1
     if args.command == "agent-credentials":

@@ -10,26 +10,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import sys
 import time
 
+from switchboard.cli_client import Api, emit, options, run
 from switchboard.settings import Settings
 
 
 def add_parsers(sub) -> None:
-    token = sub.add_parser("token", help="(admin) create, list and revoke API tokens")
-    token.add_argument("--api", default=os.environ.get("SWITCHBOARD_API_URL"), help="API base URL")
-    token.add_argument("--token", default=None, help="an admin token (default: SWITCHBOARD_TOKEN)")
-    token.add_argument("--output", choices=["text", "json"], default="text")
+    token = sub.add_parser("token", help="(admin) create, list and revoke API tokens", parents=[options()])
     actions = token.add_subparsers(dest="action", required=True)
-    create = actions.add_parser("create", help="make a token; it is shown once")
+    leaf = [options(nested=True)]
+    create = actions.add_parser("create", help="make a token; it is shown once", parents=leaf)
     create.add_argument("name")
     create.add_argument("--role", required=True, choices=["reader", "submitter", "operator", "admin"])
     create.add_argument("--expires-in", type=float, default=None, metavar="SECONDS")
-    actions.add_parser("list", help="every token, without secrets")
-    revoke = actions.add_parser("revoke", help="refuse a token from now on")
+    actions.add_parser("list", help="every token, without secrets", parents=leaf)
+    revoke = actions.add_parser("revoke", help="refuse a token from now on", parents=leaf)
     revoke.add_argument("id")
     keys = sub.add_parser("keys", help="(admin) payload encryption keys")
     keys_actions = keys.add_subparsers(dest="action", required=True)
@@ -41,38 +38,31 @@ def add_parsers(sub) -> None:
 
 
 def token(settings: Settings, args: argparse.Namespace) -> int:
-    import httpx
+    return run(settings, args, _token)
 
-    api = args.api or f"http://{settings.api_host}:{settings.api_port}"
-    secret = args.token or os.environ.get("SWITCHBOARD_TOKEN") or settings.api_token
-    headers = {"Authorization": f"Bearer {secret}"} if secret else {}
-    with httpx.Client(base_url=api, headers=headers, timeout=30) as client:
-        try:
-            if args.action == "create":
-                response = client.post("/v1/tokens", json={"name": args.name, "role": args.role,
-                                                           "expires_in_s": args.expires_in})
-            elif args.action == "list":
-                response = client.get("/v1/tokens")
-            else:
-                response = client.delete(f"/v1/tokens/{args.id}")
-        except httpx.HTTPError as exc:
-            print(f"no Switchboard API at {api}: {exc}", file=sys.stderr)
-            return 1
-    body = response.json()
-    if response.status_code >= 400:
-        print(f"{response.status_code}: {body['error']['message']}", file=sys.stderr)
-        return 1
-    if args.output == "json":
-        print(json.dumps(body, indent=2))
-    elif args.action == "create":
-        print(f"{body['token']}\n(token {body['id']}, {body['role']}: shown this once, keep it now)")
+
+def _token(api: Api, args: argparse.Namespace) -> int:
+    if args.action == "create":
+        body = api.post("/v1/tokens", {"name": args.name, "role": args.role, "expires_in_s": args.expires_in})
     elif args.action == "list":
-        for t in body["tokens"]:
-            state = "revoked" if t["revoked_at"] else ("expired" if t["expires_at"] and t["expires_at"] < time.time() else "active")
-            print(f"{t['id']}  {t['role']:9}  {state:7}  {t['name']}")
+        body = api.get("/v1/tokens")
     else:
-        print(f"revoked {body['id']} ({body['name']})")
+        body = api.call("DELETE", f"/v1/tokens/{args.id}")
+    emit(args, body, lambda b: _token_text(args.action, b))
     return 0
+
+
+def _token_text(action: str, body: dict) -> str:
+    if action == "create":
+        return f"{body['token']}\n(token {body['id']}, {body['role']}: shown this once, keep it now)"
+    if action == "list":
+        lines = []
+        for t in body["tokens"]:
+            expired = t["expires_at"] and t["expires_at"] < time.time()
+            state = "revoked" if t["revoked_at"] else ("expired" if expired else "active")
+            lines.append(f"{t['id']}  {t['role']:9}  {state:7}  {t['name']}")
+        return "\n".join(lines)
+    return f"revoked {body['id']} ({body['name']})"
 
 
 def audit_verify(settings: Settings) -> int:
