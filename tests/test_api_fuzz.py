@@ -27,7 +27,14 @@ CONFIG = """
 include-path = "/v1/workflows/{workflow_id}"
 include-method = "GET"
 parameters = { "query.wait" = 0.2 }
+
+[[operations]]
+include-path = "/v1/events"
+enabled = false
 """
+# The event stream is left out: it answers 200 and then streams until the client goes away, so every
+# generated case would run into the request timeout. tests/test_events.py covers it (auth, filters, bounds).
+SKIPPED_OPERATIONS = 1
 
 pytestmark = pytest.mark.skipif(not SCHEMATHESIS.exists(), reason="schemathesis is not installed (the test extra)")
 
@@ -56,4 +63,5 @@ async def test_generated_requests_get_no_server_error_and_documented_answers(api
     assert run.returncode == 0, report[-6000:]
     operations = sum(len(item) for item in (await api.client.get("/openapi.json")).json()["paths"].values())
     tested = re.search(r"Tested:\s+(\d+)", report)
-    assert tested and int(tested[1]) == operations, report[-3000:]  # every operation, none skipped
+    # every operation but the event stream, none skipped
+    assert tested and int(tested[1]) == operations - SKIPPED_OPERATIONS, report[-3000:]

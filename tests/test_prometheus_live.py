@@ -102,11 +102,12 @@ CONTRACT = {
     # Not "delay" (a retry's backoff is random, and short ones skip the delay queue), "paused" or "replay".
     "switchboard_messages_published_total": {
         "kind": {"dispatch", "cap", "agent", "hold", "results", "control", "reply", "dlq", "coordinator",
-                 "registry"}},
+                 "registry", "events"}},
     # Not "hold" (its tasks expire: none is consumed from it) nor "paused", "delay" or "replay".
     "switchboard_messages_consumed_total": {
         "outcome": {"ok", "dead_lettered"},
-        "kind": {"cap", "agent", "dispatch", "results", "dlq", "coordinator", "registry", "reply", "control"}},
+        "kind": {"cap", "agent", "dispatch", "results", "dlq", "coordinator", "registry", "reply", "control",
+                 "events"}},
     "switchboard_amqp_reconnects_total": {"service": set(SERVICES)},
     "switchboard_store_conflicts_total": {"service": set(SERVICES)},
     "process_cpu_seconds_total": {"service": set(SERVICES)},
@@ -114,7 +115,7 @@ CONTRACT = {
 }
 
 KINDS = {"dispatch", "cap", "agent", "hold", "paused", "results", "delay", "control", "reply", "dlq",
-         "coordinator", "registry", "replay"}
+         "coordinator", "registry", "replay", "events"}  # events: the stream of changes (switchboard.stream)
 TASK_OUTCOMES = {"succeeded", "failed", "retried", "dead_lettered", "cancelled", "timed_out"}
 WORKFLOW_STATUSES = {"succeeded", "failed", "cancelled"}
 # The contract's enumerations: a series with any other value breaks it.

@@ -315,16 +315,23 @@ class Bus:
         return consumer
 
     async def consume_private(self, handler: Handler, *, name: str = "", bind_control: bool = False,
-                              prefetch: int = 100) -> Consumer:
+                              bind_events: bool = False, prefetch: int = 100) -> Consumer:
         # Consumer.stop() closes the channel, which deletes the queue: nothing is left behind.
-        """A queue of this process alone, deleted when it disconnects: replies, or the control fanout.
-        Named after this process (topology.private_queue) unless `name` is given."""
+        """A queue of this process alone, deleted when it disconnects: replies, the control fanout, or
+        (bind_events) every stream event. Named after this process (topology.private_queue) unless `name`
+        is given."""
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
-        name = name or self.topology.private_queue("control" if bind_control else "reply", self.source)
-        amqp_queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
+        kind = "control" if bind_control else "events" if bind_events else "reply"
+        name = name or self.topology.private_queue(kind, self.source)
+        # Stream events are notifications: should this process fall behind, the broker drops the oldest
+        # rather than holding an unbounded backlog for it.
+        arguments = {"x-max-length": 100_000, "x-overflow": "drop-head"} if bind_events else None
+        amqp_queue = await channel.declare_queue(name, exclusive=True, auto_delete=True, arguments=arguments)
         if bind_control:
             await amqp_queue.bind(self.topology.control)
+        if bind_events:
+            await amqp_queue.bind(self.topology.events, routing_key="#")
         consumer = Consumer(self, channel, [amqp_queue], handler)
         await consumer.start()
         return consumer

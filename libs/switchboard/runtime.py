@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from aio_pika.exceptions import AMQPError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from switchboard import telemetry
+from switchboard import stream, telemetry
 from switchboard.telemetry import logs, metrics, tracing
 from switchboard.bus import Bus, Consumer
 from switchboard.routing import REFRESH_S, Routes
@@ -101,6 +101,10 @@ class Service:
         async def on_control(env, message) -> None:
             if env.subject == "control.state":
                 routes.on_control(env.payload)
+            elif env.subject == "stream.watch":
+                stream.watch(float(env.payload.get("for_s", stream.WATCH_S)))
+
+        stream.gate()  # this service hears when someone watches the stream
 
         await self.subscribe_control(on_control)
         self.every(REFRESH_S, routes.refresh, "routing refresh")

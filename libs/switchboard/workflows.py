@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from switchboard import deadletters, telemetry
+from switchboard import deadletters, stream, telemetry
 from switchboard.protocol import Envelope, MessageType, Priority, WorkflowSpec, new_id
 from switchboard.settings import Settings, amqp_username
 from switchboard.state import Store, Transaction, pack, prefix_range, unpack
@@ -77,6 +77,9 @@ class FollowUps:
     events: list[tuple[str, dict]] = field(default_factory=list)
     # Outcomes record() refused, as (index in its batch, reason): forged ones (see Forged).
     refused: list[tuple[int, str]] = field(default_factory=list)
+    # Not for the platform: what the transaction changed, for the event stream (switchboard.stream),
+    # filled in by WorkflowStore._transact from what the transaction wrote.
+    stream: list[dict] = field(default_factory=list)
 
     def extend(self, other: FollowUps) -> None:
         for name in self.__dataclass_fields__:
@@ -91,6 +94,10 @@ class FollowUps:
     async def publish(self, bus: Bus, routes: Routes | None = None) -> None:
         """With routes, a ready task whose capability can take it now skips the dispatcher."""
         topology = bus.topology
+        if self.stream:
+            # First, and confirmed: then nothing these messages cause (an agent's "running") can reach
+            # the stream's subscribers before the change that caused it.
+            await stream.publish(bus, self.stream)
         ready = []
         for env in self.dispatch:
             capability = routes.direct(env) if routes else None
@@ -180,6 +187,7 @@ class WorkflowStore:
 
     def _write_task(self, tr: Transaction, wf_id: str, task: dict) -> None:
         tr.set(self._task_key(wf_id, task["id"]), orjson.dumps(task))
+        _note(tr, ("task", wf_id, task["id"]), lambda: stream.task_change(wf_id, task))
 
     def _write_wf(self, tr: Transaction, wf: dict, *, old_status: str | None = None) -> None:
         wf["updated_at"] = time.time()
@@ -194,6 +202,8 @@ class WorkflowStore:
         wf.update(fields)
         wf["finished_at"] = time.time() if status in TERMINAL_WORKFLOW else None
         self._write_wf(tr, wf, old_status=old)
+        if old != status:
+            _note(tr, ("wf", wf["id"]), lambda: stream.workflow_change(wf))
 
     def _set_deadline(self, tr: Transaction, wf_id: str, task: dict) -> None:
         deadline = task["started_at"] + task["timeout_s"] + self.settings.watchdog_grace_s
@@ -238,6 +248,7 @@ class WorkflowStore:
             "owner": self._owner_of(tr, parent) if parent else owner,
         }
         tr.set(self._wf_key(wf_id), orjson.dumps(wf))
+        _note(tr, ("wf", wf_id), lambda: stream.workflow_change(wf))
         if wf["owner"]:
             tr.set(pack(self.ns, "owned", wf["owner"], wf_id), b"")
         tr.set(self._status_key("pending", wf_id), b"")
@@ -283,7 +294,7 @@ class WorkflowStore:
                         started.append(wf_id)
             return ids, started, out
 
-        ids, started, out = await self.store.transact(txn)
+        ids, started, out = await self._transact(txn)
         telemetry.emit_all(out.events)
         return ids, started, out
 
@@ -327,7 +338,7 @@ class WorkflowStore:
                 self._take_up(tr, wf_id, out, graphs)
             return graphs, out
 
-        return await self.store.transact(txn)
+        return await self._transact(txn)
 
     def _take_up(self, tr: Transaction, wf_id: str, out: FollowUps, graphs: dict) -> None:
         """Starts a workflow: queues its tasks that wait on nothing (again, if queued already) and notes
@@ -397,7 +408,7 @@ class WorkflowStore:
                         out.dispatch.append(self._queue_task(tr, wf, task, inputs))
             return out
 
-        return await self.store.transact(txn)
+        return await self._transact(txn)
 
     def _ready(self, tr: Transaction, wf_id: str, tasks: list[dict]) -> list[str]:
         status = {t["id"]: t["status"] for t in tasks}
@@ -460,9 +471,29 @@ class WorkflowStore:
 
     async def _commit(self, txn) -> FollowUps:
         """Runs a transaction that returns follow-ups; their events are emitted once it has committed."""
-        out = await self.store.transact(txn)
+        out = await self._transact(txn)
         telemetry.emit_all(out.events)
         return out
+
+    async def _transact(self, txn):
+        """Runs a transaction whose result is, or holds, FollowUps, and puts in them the stream changes
+        of what it wrote. The notes start afresh on every try: FoundationDB reruns txn on the same tr."""
+
+        collect = stream.watched()
+
+        def attempt(tr: Transaction):
+            notes: dict = {}
+            setattr(tr, _NOTES, notes if collect else None)
+            try:
+                result = txn(tr)
+            finally:
+                setattr(tr, _NOTES, None)
+            out = result if isinstance(result, FollowUps) else next(r for r in result if isinstance(r, FollowUps))
+            out.stream = [make() for make in notes.values()]
+            return out if result is out else result
+
+        attempt.__qualname__ = txn.__qualname__  # the store's metrics name a transaction by its function
+        return await self.store.transact(attempt)
 
     def _apply(self, tr: Transaction, env: Envelope, *, dead_letter_reason: str | None = None,
                sender: object = TRUSTED) -> FollowUps:
@@ -568,9 +599,11 @@ class WorkflowStore:
         self._write_task(tr, wf_id, task)
         reason = dead_letter_reason or (f"attempts exhausted ({task['attempts']} of {task['max_attempts']})"
                                         if error.get("retryable", True) else "non-retryable error")
-        deadletters.put(tr, self.ns, deadletters.make_record(
+        record = deadletters.make_record(
             reason=reason, queue="", envelope=self._task_message(wf, task, {}, task["attempts"]).model_dump(mode="json"),
-            attempts=task["attempts"], errors=task["errors"]))
+            attempts=task["attempts"], errors=task["errors"])
+        deadletters.put(tr, self.ns, record)
+        _note(tr, ("dlq", record.get("id")), lambda: stream.dead_letter_change(record, "added"))
         out.extend(self._fail_workflow(tr, wf, f"task {task['id']!r} failed: {error.get('message', '')}"))
         return out
 
@@ -663,7 +696,7 @@ class WorkflowStore:
             out = self._fail_workflow(tr, wf, "cancelled by request", status="cancelled")
             return workflow_view(wf, self._tasks(tr, wf_id)), out
 
-        view, out = await self.store.transact(txn)
+        view, out = await self._transact(txn)
         telemetry.emit_all(out.events)
         return view, out
 
@@ -686,6 +719,7 @@ class WorkflowStore:
                 # Published again it would come from the platform's own user, whom the claims trust.
                 raise NotReplayable(f"dead letter {dl_id!r} is a forged outcome: it is kept, never replayed")
             deadletters.mark_replayed(tr, self.ns, record, time.time())
+            _note(tr, ("dlq", dl_id), lambda: stream.dead_letter_change(record, "replayed"))
             out.events.append(("dead_letter.replayed", {}))
             envelope = record.get("envelope") or {}
             if envelope.get("type") == MessageType.TASK.value and record.get("workflow_id"):
@@ -812,6 +846,18 @@ class WorkflowStore:
                     for wf in wfs]
 
         return await self.store.read(txn)
+
+
+_NOTES = "_switchboard_stream_notes"
+
+
+def _note(tr: Transaction, key: tuple, make) -> None:
+    """Notes a change for the event stream, if the transaction collects them (WorkflowStore._transact).
+    By key, so a task written several times in one transaction is one change; `make` runs after the
+    transaction body, so the change shows the record as it was last written."""
+    notes = getattr(tr, _NOTES, None)
+    if notes is not None:
+        notes[key] = make
 
 
 def _submitted(spec: WorkflowSpec) -> list[tuple[str, dict]]:

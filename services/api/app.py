@@ -16,16 +16,18 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from switchboard import telemetry
+from switchboard import stream, telemetry
 from switchboard.protocol import Envelope, InvalidSpec, MessageType, TaskSpec, WorkflowSpec, validate_workflow
 from switchboard.codec import CodecError
 from switchboard.control import message as control_message
 from switchboard.telemetry import HttpRequest
 from switchboard.telemetry.metrics import exposition
-from switchboard.tokens import Principal, Role
+from switchboard.tokens import PERMISSIONS, Principal, Role
 from switchboard.workflows import TERMINAL_WORKFLOW, IdempotencyConflict, NotFound, NotReplayable
 
 from services.api.auth import Guard, Refused
+from services.api.console import mount_console
+from services.api.events import EventStream
 
 if TYPE_CHECKING:
     from services.api.service import Api
@@ -301,12 +303,12 @@ def create_app(service: Api) -> FastAPI:
                 await service.bus.publish(announce, service.bus.topology.coordinator)
             except Exception as exc:
                 log.warning("could not announce workflows %s: %s", waiting, exc)
-        if started:
-            try:
-                await ready.publish(service.bus, service.routes)
+        try:  # also when none started: the follow-ups carry the new workflows' stream events
+            await ready.publish(service.bus, service.routes)
+            if started:
                 await service.workflows.taken_in(started)
-            except Exception as exc:
-                log.warning("could not queue the tasks of workflows %s: %s", started, exc)
+        except Exception as exc:
+            log.warning("could not queue the tasks of workflows %s: %s", started, exc)
         return ids, started
 
     @app.post("/v1/workflows", status_code=202, responses=answers(400, 401, 403, 409, 413, 422, 429))
@@ -443,6 +445,7 @@ def create_app(service: Api) -> FastAPI:
     async def delete_dead_letter(dead_letter_id: str):
         if not await service.dead_letters.delete(dead_letter_id):
             raise ApiError(404, "dead_letter_not_found", f"no dead letter {dead_letter_id!r}")
+        await stream.publish(service.bus, [stream.dead_letter_change({"id": dead_letter_id}, "deleted")])
         return Response(status_code=204)
 
     @app.get("/v1/control", dependencies=[Depends(allow("read"))], responses=answers(401, 403, 429))
@@ -452,6 +455,7 @@ def create_app(service: Api) -> FastAPI:
     async def control(action: str, capability: str | None) -> dict:
         state = await service.controls.change(action, capability)
         await service.bus.broadcast(control_message(state, "api"))
+        await stream.publish(service.bus, [stream.control_change(state)])
         return state
 
     @app.post("/v1/control/stop-all", dependencies=[Depends(allow("control", action="control.stop-all"))],
@@ -504,6 +508,35 @@ def create_app(service: Api) -> FastAPI:
         """The audit log, oldest first; each record holds the hash of the one before it."""
         records = await service.audit.list(since=since, actor=actor, action=action, after=after, limit=limit)
         return {"records": records, "next": records[-1]["seq"] if len(records) == limit else None}
+
+    @app.get("/v1/events", response_class=Response, responses={
+        **answers(401, 403, 422, 429),
+        200: {"description": "A server-sent-events stream that lasts until the client disconnects (or, "
+                             "falling too far behind, is cut off): `event:` task, workflow, agents, dlq or "
+                             "control; `data:` the change as JSON; a comment line every 15 s.",
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        503: {"model": ErrorBody, "description": "This api has too many streams open, or is stopping."}})
+    async def events(
+        workflow_id: Annotated[str | None, Query(max_length=128, description="only this workflow's events and "
+                                                 "those of its child workflows")] = None,
+        access_token: Annotated[str | None, Query(description="the token, for clients that cannot send the "
+                                                  "Authorization header (a browser's EventSource)")] = None,
+        who: Principal = Depends(allow("read", query_token=True)),
+    ):
+        """Live changes: tasks, workflows, agents, dead letters, controls."""
+        client = service.events.subscribe(workflow_id)
+        if client is None:
+            raise ApiError(503, "unavailable", "too many event streams on this api replica; retry later")
+        await service.events.announce()  # before the stream opens: what the client does next is seen
+        return EventStream(service.events, client)
+
+    @app.get("/v1/whoami", responses=answers(401, 429))
+    async def whoami(who: Principal = Depends(allow(None))):
+        """The caller's token: its id, name, role and what the role may do (the console shows only that)."""
+        return {"id": who.id, "name": who.name, "role": who.role.value,
+                "permissions": sorted(PERMISSIONS[who.role])}
+
+    mount_console(app)
 
     @app.get("/healthz")
     async def healthz():

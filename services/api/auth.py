@@ -57,14 +57,21 @@ class Guard:
     def on(self) -> bool:
         return bool(self.settings.api_token)
 
-    def allow(self, permission: str, *, own: str | None = None, action: str | None = None):
-        """A dependency: the caller's Principal if its role has `permission` (or `own`: then
-        request.state.only_own is True); with `action`, the call and its outcome are audited."""
+    def allow(self, permission: str | None, *, own: str | None = None, action: str | None = None,
+              query_token: bool = False):
+        """A dependency: the caller's Principal if its role has `permission` (None: any valid token), or
+        `own` (then request.state.only_own is True); with `action`, the call and its outcome are audited.
+        With query_token, a request without the header may send the token as `?access_token=`: only for
+        the event stream, because a browser's EventSource cannot send headers. (The query string is in
+        no log, span or audit record: they all take the path alone.)"""
 
         async def dependency(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)):
             request.state.only_own = False
-            principal = await self._authenticate(request, credentials, action or permission)
-            if not principal.may(permission):
+            if credentials is None and query_token and request.query_params.get("access_token"):
+                credentials = HTTPAuthorizationCredentials(scheme="Bearer",
+                                                           credentials=request.query_params["access_token"])
+            principal = await self._authenticate(request, credentials, action or permission or "whoami")
+            if permission is not None and not principal.may(permission):
                 if own and principal.may(own):
                     request.state.only_own = True
                 else:

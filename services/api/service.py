@@ -8,6 +8,7 @@ import contextlib
 import uvicorn
 
 from services.api.app import create_app
+from services.api.events import EventHub
 import redis
 
 from switchboard.audit import AuditLog
@@ -48,6 +49,8 @@ class Api(Service):
         self.audit = AuditLog(self.store, self.settings.namespace)
         self.codec = Codec.from_setting(self.settings.payload_keys)
         self.breakers = Breakers(redis.Redis.from_url(self.settings.redis_url), self.settings)
+        self.events = EventHub(self.bus)
+        await self.events.start(self)
         self.app = create_app(self)
         config = uvicorn.Config(self.app, host=self.settings.api_host, port=self.port, lifespan="off",
                                 log_config=None, access_log=False)
@@ -60,6 +63,8 @@ class Api(Service):
         self.main_loop = asyncio.create_task(self.server.main_loop())
 
     async def teardown(self) -> None:
+        if hasattr(self, "events"):
+            self.events.close()  # open streams would hold up the server's shutdown
         if hasattr(self, "main_loop"):
             self.server.should_exit = True
             await self.main_loop

@@ -14,7 +14,7 @@ import logging
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from switchboard import telemetry
+from switchboard import stream, telemetry
 from switchboard.bus import QUEUE_HEADER, REASON_HEADER, traceparent_of
 from switchboard.deadletters import FILTERS, DeadLetters, make_record
 from switchboard.protocol import Envelope, MessageType
@@ -59,8 +59,10 @@ class DlqReplayer(Service):
                        f"(capability {capability!r})")
                 await (await self.workflows.dead_letter_task(task, why)).publish(self.bus)
                 return
-        await self.dead_letters.add(make_record(reason=reason, queue=queue, body=message.body, headers=headers,
-                                                message_id=message.message_id))
+        record = make_record(reason=reason, queue=queue, body=message.body, headers=headers,
+                             message_id=message.message_id)
+        await self.dead_letters.add(record)
+        await stream.publish(self.bus, [stream.dead_letter_change(record, "added")])
 
     async def replay(self, env: Envelope, message) -> None:
         """{"ids": [...]} or {"filter": {...}, "limit": n}, at most `rate_per_s` replays a second."""

@@ -8,7 +8,7 @@ import time
 
 import redis
 
-from switchboard import telemetry
+from switchboard import stream, telemetry
 from switchboard.bus import Transient
 from switchboard.protocol import Envelope
 from switchboard.registry import RegistryClient
@@ -27,6 +27,9 @@ class Registry(Service):
 
     async def setup(self) -> None:
         self.client = RegistryClient(self.redis, self.settings)
+        # What this replica last told the event stream about each agent: only a change of status is an
+        # event (registered, lost, stopped), not every heartbeat. Bounded by the agents the sweep keeps.
+        self.told: dict[str, str] = {}
         await self.consume(self.bus.topology.registry, self.handle, prefetch=256)
         self.every(SWEEP_S, self._sweep, "registry sweep")
 
@@ -45,8 +48,10 @@ class Registry(Service):
             # A heartbeat delayed in the queue must not revive an agent: judge by when it was sent.
             info.update(status="alive", last_heartbeat=min(env.timestamp, time.time()))
             await self.client.upsert(info)
+            await self._tell(info, "registered")
         elif env.subject == "agent.stopped":
             await self.client.remove(env.payload["name"], instance=(env.payload.get("host"), env.payload.get("pid")))
+            await self._tell(env.payload, "stopped")
         else:
             raise ValueError(f"registry does not handle subject {env.subject!r}")
 
@@ -57,9 +62,19 @@ class Registry(Service):
             silent = now - agent["last_heartbeat"]
             if silent > FORGET_AFTER_S:
                 await self.client.remove(agent["name"])
+                self.told.pop(agent["name"], None)
                 continue
+            if agent["status"] == "lost":
+                await self._tell(agent, "lost")
             if agent["status"] == "lost" and not agent.get("lost_at"):
                 log.warning("agent %s lost: no heartbeat for %.1fs", agent["name"], silent)
                 await self.client.upsert(agent | {"lost_at": now})
             counts[agent["status"]] = counts.get(agent["status"], 0) + 1
         telemetry.emit("agents.counted", counts=counts)
+
+    async def _tell(self, agent: dict, change: str) -> None:
+        name = agent.get("name")
+        if not isinstance(name, str) or self.told.get(name) == change:
+            return
+        self.told[name] = change
+        await stream.publish(self.bus, [stream.agent_change(agent, change)])

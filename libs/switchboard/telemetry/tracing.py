@@ -86,6 +86,10 @@ def _traceparent(span) -> str | None:
 def _destination(name: str, kind: str) -> str:
     if kind == "reply" or (kind == "control" and name.startswith("amq")):
         return "(temporary)"  # a queue of one process: its name is an id
+    if kind == "events" and ".events." in name:
+        # An api's own queue on the events exchange (<ns>.events.<owner>.<id>): named as the exchange
+        # its publishes go to, so that a stream message's publish and process spans pair up.
+        return name[:name.index(".events.") + len(".events")]
     return name.rsplit(".", 1)[0] if kind == "delay" else name
 
 

@@ -1,0 +1,275 @@
+// The console's pages. Each is page(view, ctx, arg) → {onEvent(event), leave()}; the shell routes to them
+// and hands them every stream event (or {event: "poll"} while the stream is down: then they reload).
+
+import { api, query } from "./api.js";
+import { drawDag, setStatus } from "./dag.js";
+import { ago, badge, confirmDialog, flash, h, json, time } from "./util.js";
+
+const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
+const STATUSES = ["", "pending", "running", "succeeded", "failed", "cancelled"];
+
+// Runs fn at most once per `ms`, the last call winning: a burst of events is one reload.
+function debounced(fn, ms = 250) {
+  let timer = null;
+  return () => { clearTimeout(timer); timer = setTimeout(fn, ms); };
+}
+
+// ---- Workflows ------------------------------------------------------------------------------------
+function workflows(view, ctx) {
+  const status = h("select", { testid: "filter-status", onchange: () => load() },
+                   STATUSES.map((s) => h("option", { value: s }, s || "any status")));
+  const name = h("input", { type: "search", placeholder: "name contains…", testid: "filter-name", oninput: () => render() });
+  const body = h("tbody");
+  const rows = new Map();  // workflow id → its list item
+  view.append(h("h1", {}, "Workflows"), h("div", { class: "filters" }, status, name),
+              h("table", { testid: "workflow-list" },
+                h("thead", {}, h("tr", {}, ["workflow", "name", "status", "tasks", "parent", "created"].map((c) => h("th", {}, c)))),
+                body));
+
+  const matches = (w) => (!status.value || w.status === status.value)
+    && (!name.value || (w.name || "").toLowerCase().includes(name.value.toLowerCase()));
+  function render() {
+    const items = [...rows.values()].filter(matches).sort((a, b) => b.created_at - a.created_at).slice(0, 200);
+    body.replaceChildren(...items.map((w) => h("tr", { testid: "workflow-row", dataset: { id: w.workflow_id, status: w.status } },
+      h("td", {}, h("a", { href: `#/workflows/${w.workflow_id}`, testid: "workflow-link" }, w.workflow_id)),
+      h("td", {}, w.name || "–"), h("td", {}, badge(w.status, "workflow-status")), h("td", {}, w.tasks ?? "–"),
+      h("td", {}, w.parent?.workflow_id ? h("a", { href: `#/workflows/${w.parent.workflow_id}` }, "parent") : ""),
+      h("td", {}, time(w.created_at)))));
+  }
+  async function load() {
+    const answer = await api(`/v1/workflows${query({ status: status.value, limit: 200 })}`);
+    rows.clear();
+    for (const w of answer.workflows) rows.set(w.workflow_id, w);
+    render();
+  }
+  const reload = debounced(() => load().catch((e) => flash(view, e.message)), 500);
+  load().catch((e) => flash(view, e.message));
+  return {
+    onEvent(e) {
+      if (e.event === "poll") return reload();
+      if (e.event !== "workflow") return;
+      const known = rows.get(e.workflow_id);
+      if (known && known.at > e.at) return;  // an older change arriving late
+      rows.set(e.workflow_id, { ...known, ...e });
+      render();
+    },
+  };
+}
+
+// ---- Workflow detail ------------------------------------------------------------------------------
+function workflow(view, ctx, id) {
+  let wf = null, svg = null, selected = null;
+  const seen = new Map();  // task id → `at` of the newest change applied
+  const head = h("div", { class: "head" });
+  const dagBox = h("div", { class: "dag-box" });
+  const detail = h("div", { class: "task-detail", testid: "task-detail" }, h("p", { class: "muted" }, "Select a task."));
+  const family = h("div", { class: "family", testid: "family" });
+  view.append(head, family, h("div", { class: "split" }, dagBox, detail));
+
+  function renderHead() {
+    const canCancel = (ctx.may("workflows.cancel") || ctx.may("workflows.cancel_own")) && !TERMINAL.has(wf.status);
+    head.replaceChildren(
+      h("h1", {}, wf.name || "workflow", " ", h("code", {}, wf.workflow_id)),
+      h("p", {}, badge(wf.status, "detail-status"), ` created ${time(wf.created_at)}`,
+        wf.finished_at ? `, finished ${time(wf.finished_at)}` : "",
+        canCancel ? h("button", { class: "danger", testid: "cancel-workflow", onclick: cancel }, "Cancel workflow") : ""),
+      wf.error ? h("p", { class: "error", testid: "workflow-error" }, wf.error) : "");
+  }
+  async function renderFamily() {
+    const children = (await api("/v1/workflows?limit=500")).workflows.filter((w) => w.parent?.workflow_id === id);
+    family.replaceChildren(
+      wf.parent?.workflow_id ? h("span", {}, "Parent: ", h("a", { href: `#/workflows/${wf.parent.workflow_id}`, testid: "parent-link" }, wf.parent.workflow_id), " ") : "",
+      children.length ? h("span", {}, "Children: ", children.map((c) => [h("a", { href: `#/workflows/${c.workflow_id}`, testid: "child-link" }, c.name || c.workflow_id), " ", badge(c.status), " "])) : "");
+  }
+  function renderTask() {
+    const t = wf?.tasks.find((x) => x.id === selected);
+    if (!t) return;
+    const row = (k, v) => h("tr", {}, h("th", {}, k), h("td", {}, v));
+    detail.replaceChildren(
+      h("h2", {}, "Task ", h("code", {}, t.id)),
+      h("table", { class: "kv" },
+        row("status", badge(t.status, "task-status")), row("capability", t.capability),
+        row("attempts", h("span", { testid: "task-attempts" }, `${t.attempts}${t.max_attempts ? ` of ${t.max_attempts}` : ""}`)),
+        row("agent", t.ran_on || "–"), row("queued", time(t.queued_at)), row("started", time(t.started_at)),
+        row("finished", time(t.finished_at)), t.reason ? row("reason", t.reason) : "",
+        t.progress ? row("progress", h("span", { testid: "task-progress" },
+          [t.progress.percent != null ? `${t.progress.percent}% ` : "", t.progress.message || ""])) : ""),
+      t.error ? h("div", { testid: "task-error", class: "error" }, `${t.error.type}: ${t.error.message}`) : "",
+      (t.errors || []).length > 1 ? h("details", {}, h("summary", {}, `all errors (${t.errors.length})`), json(t.errors)) : "",
+      t.result !== null && t.result !== undefined ? h("div", {}, h("h3", {}, "result"), json(t.result)) : "");
+  }
+  function select(taskId) {
+    selected = taskId;
+    svg?.querySelectorAll("g.node").forEach((g) => g.classList.toggle("selected", g.dataset.task === taskId));
+    renderTask();
+  }
+  async function load() {
+    wf = await api(`/v1/workflows/${encodeURIComponent(id)}`);
+    seen.clear();
+    svg = drawDag(wf.tasks, select);
+    dagBox.replaceChildren(svg);
+    renderHead();
+    if (!selected) selected = (wf.tasks.find((t) => t.error) || {}).id ?? null;
+    if (selected) select(selected);
+    renderFamily().catch(() => {});
+  }
+  async function cancel() {
+    if (!await confirmDialog(`Cancel workflow ${id}? Its unfinished tasks are cancelled.`)) return;
+    try { wf = await api(`/v1/workflows/${encodeURIComponent(id)}/cancel`, { method: "POST" }); load(); }
+    catch (e) { flash(view, e.message); }
+  }
+  const reload = debounced(() => load().catch((e) => flash(view, e.message)), 400);
+  load().catch((e) => { view.replaceChildren(h("p", { class: "error", testid: "detail-error" }, e.message)); });
+  return {
+    onEvent(e) {
+      if (e.event === "poll") return reload();
+      if (!wf) return;
+      if (e.event === "task" && e.workflow_id === id) {
+        if ((seen.get(e.task_id) || 0) > e.at) return;  // older than what is shown
+        seen.set(e.task_id, e.at);
+        const t = wf.tasks.find((x) => x.id === e.task_id);
+        if (!t) return;
+        Object.assign(t, { status: e.status, attempts: e.attempt, ran_on: e.ran_on, reason: e.reason,
+                           queued_at: e.queued_at, started_at: e.started_at, finished_at: e.finished_at },
+                      e.error ? { error: e.error } : {});
+        setStatus(svg, t);
+        if (t.id === selected) renderTask();
+        if (e.status === "succeeded" && t.id === selected) reload();  // its result is not in the event
+      } else if (e.event === "workflow" && e.workflow_id === id) {
+        reload();  // status, error and result: read them whole
+      } else if (e.event === "workflow" && e.parent?.workflow_id === id) {
+        renderFamily().catch(() => {});
+      }
+    },
+  };
+}
+
+// ---- Agents ---------------------------------------------------------------------------------------
+const SAMPLES = 60;
+const history = new Map();  // agent name → its last in_flight samples (kept across visits to the page)
+
+function sparkline(samples, max) {
+  const w = 120, hgt = 24, top = Math.max(1, max);
+  const points = samples.map((v, i) => `${(i * w) / (SAMPLES - 1)},${hgt - (v / top) * (hgt - 2) - 1}`).join(" ");
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("width", w); svg.setAttribute("height", hgt); svg.setAttribute("class", "spark");
+  svg.dataset.testid = "sparkline";
+  // A baseline, so that an idle agent shows a flat line rather than nothing.
+  svg.innerHTML = `<line x1="0" y1="${hgt - 1}" x2="${w}" y2="${hgt - 1}" class="base"/><polyline points="${points}"/>`;
+  return svg;
+}
+
+function agents(view) {
+  const body = h("tbody");
+  const caps = h("div", { class: "caps", testid: "capability-breakers" });
+  view.append(h("h1", {}, "Agents"),
+              h("table", { testid: "agent-list" }, h("thead", {}, h("tr", {},
+                ["agent", "status", "last heartbeat", "capabilities", "in flight", "breaker", "activity"].map((c) => h("th", {}, c)))), body),
+              h("h2", {}, "Capabilities"), caps);
+  async function load() {
+    const answer = await api("/v1/agents");
+    body.replaceChildren(...answer.agents.map((a) => {
+      const samples = history.get(a.name) || [];
+      samples.push(a.status === "alive" ? (a.in_flight || 0) : 0);
+      while (samples.length > SAMPLES) samples.shift();
+      history.set(a.name, samples);
+      return h("tr", { testid: "agent-row", dataset: { name: a.name, status: a.status } },
+        h("td", {}, a.name), h("td", {}, badge(a.status)), h("td", {}, ago(a.last_heartbeat)),
+        h("td", {}, (a.capabilities || []).join(", ")), h("td", {}, `${a.in_flight ?? 0} / ${a.concurrency ?? "?"}`),
+        h("td", {}, badge(a.breaker?.state || "closed")), h("td", {}, sparkline(samples, a.concurrency || 1)));
+    }));
+    caps.replaceChildren(...Object.entries(answer.capabilities).map(([c, v]) =>
+      h("span", { class: "cap" }, c, " ", badge(v.breaker?.state || "closed"))));
+  }
+  const tick = () => load().catch((e) => flash(view, e.message));
+  tick();
+  const timer = setInterval(tick, 2000);  // in-flight samples for the sparklines; heartbeats are not events
+  return { onEvent: (e) => { if (e.event === "agents") tick(); }, leave: () => clearInterval(timer) };
+}
+
+// ---- Dead letters ---------------------------------------------------------------------------------
+function deadLetters(view, ctx) {
+  const f = {
+    capability: h("input", { placeholder: "capability", testid: "dlq-filter-capability" }),
+    reason: h("input", { placeholder: "reason contains", testid: "dlq-filter-reason" }),
+    workflow_id: h("input", { placeholder: "workflow id", testid: "dlq-filter-workflow" }),
+    status: h("select", { testid: "dlq-filter-status" }, ["dead", "replayed", ""].map((s) => h("option", { value: s }, s || "any"))),
+  };
+  for (const input of Object.values(f)) input.addEventListener("change", () => load());
+  const filters = () => Object.fromEntries(Object.entries(f).map(([k, v]) => [k, v.value.trim()]).filter(([, v]) => v));
+  const body = h("tbody");
+  const detail = h("div", { class: "dl-detail", testid: "dlq-detail" });
+  const canReplay = ctx.may("dlq.replay"), canDelete = ctx.may("dlq.delete");
+  view.append(h("h1", {}, "Dead letters"),
+    h("div", { class: "filters" }, Object.values(f),
+      canReplay ? h("button", { testid: "dlq-replay-filtered", onclick: replayMatching }, "Replay all matching") : ""),
+    h("table", { testid: "dlq-list" }, h("thead", {}, h("tr", {},
+      ["id", "reason", "capability", "workflow", "received", "status", ""].map((c) => h("th", {}, c)))), body),
+    detail);
+
+  async function act(what, call) {
+    try { await call(); } catch (e) { flash(view, `${what}: ${e.message}`); }
+    load();
+  }
+  async function replayMatching() {
+    const { status, ...rest } = filters();
+    if (!await confirmDialog(`Replay every dead letter matching ${JSON.stringify(rest)}?`)) return;
+    act("replay", async () => {
+      const r = await api("/v1/dlq/replay", { method: "POST", body: rest });
+      flash(view, `Replaying ${r.matched} dead letters at ${r.rate_per_s}/s.`, "info");
+    });
+  }
+  async function show(id) {
+    detail.replaceChildren(h("h2", {}, "Dead letter ", h("code", {}, id)), json(await api(`/v1/dlq/${encodeURIComponent(id)}`)));
+  }
+  async function load() {
+    const answer = await api(`/v1/dlq${query({ ...filters(), limit: 200 })}`);
+    body.replaceChildren(...answer.dead_letters.map((d) => h("tr", { testid: "dlq-row", dataset: { id: d.id, workflow: d.workflow_id || "" } },
+      h("td", {}, h("a", { href: "javascript:void 0", onclick: () => show(d.id) }, d.id)), h("td", {}, d.reason),
+      h("td", {}, d.capability || "–"),
+      h("td", {}, d.workflow_id ? h("a", { href: `#/workflows/${d.workflow_id}` }, d.workflow_id) : "–"),
+      h("td", {}, time(d.received_at)), h("td", {}, badge(d.status)),
+      h("td", {},
+        canReplay && d.status === "dead" ? h("button", { testid: "dlq-replay", onclick: async () => {
+          if (await confirmDialog(`Replay dead letter ${d.id}?`)) act("replay", () => api(`/v1/dlq/${d.id}/replay`, { method: "POST" }));
+        } }, "Replay") : "",
+        canDelete ? h("button", { class: "danger", testid: "dlq-delete", onclick: async () => {
+          if (await confirmDialog(`Delete dead letter ${d.id}? This cannot be undone.`)) act("delete", () => api(`/v1/dlq/${d.id}`, { method: "DELETE" }));
+        } }, "Delete") : ""))));
+  }
+  const reload = debounced(() => load().catch((e) => flash(view, e.message)), 300);
+  load().catch((e) => flash(view, e.message));
+  return { onEvent: (e) => { if (e.event === "dlq" || e.event === "poll") reload(); } };
+}
+
+// ---- Controls -------------------------------------------------------------------------------------
+function controls(view, ctx) {
+  const state = h("div", { testid: "control-state" });
+  const capability = h("input", { placeholder: "capability (empty: all)", testid: "control-capability" });
+  const may = ctx.may("control");
+  const action = (name, label, text) => h("button", { testid: `control-${name}`, class: name === "stop-all" ? "danger" : "",
+    disabled: !may, onclick: async () => {
+      const cap = capability.value.trim();
+      if (!await confirmDialog(text(cap))) return;
+      try {
+        const body = name === "stop-all" ? undefined : (cap ? { capability: cap } : undefined);
+        show(await api(`/v1/control/${name}`, { method: "POST", body }));
+      } catch (e) { flash(view, e.message); }
+    } }, label);
+  view.append(h("h1", {}, "Controls"), state,
+    may ? h("div", { class: "filters" }, capability,
+      action("pause", "Pause", (c) => `Pause dispatching ${c ? `of ${c}` : "of everything"}?`),
+      action("resume", "Resume", (c) => `Resume ${c || "everything (this also lifts stop-all)"}?`),
+      action("stop-all", "Stop all", () => "Engage the emergency stop? Nothing is dispatched and agents take no new work."))
+      : h("p", { class: "muted" }, "Your role may not change the controls."));
+  function show(s) {
+    state.replaceChildren(h("table", { class: "kv" },
+      h("tr", {}, h("th", {}, "emergency stop"), h("td", { testid: "state-stopped" }, s.stopped ? "ON" : "off")),
+      h("tr", {}, h("th", {}, "paused"), h("td", { testid: "state-paused" }, s.paused ? "everything" : "no")),
+      h("tr", {}, h("th", {}, "paused capabilities"), h("td", {}, (s.paused_capabilities || []).join(", ") || "none"))));
+  }
+  show(ctx.control || {});
+  return { onEvent: (e) => { if (e.event === "control") show(e); if (e.event === "poll") api("/v1/control").then(show); } };
+}
+
+export const pages = { workflows: (v, c, arg) => (arg ? workflow(v, c, arg) : workflows(v, c)), agents, dlq: deadLetters, controls };
