@@ -23,7 +23,7 @@ import yaml
 
 from tests import deploy_facts
 from tests.compose_file import load, variables
-from tests.harness import EXAMPLE_AGENTS, EXAMPLE_CAPABILITIES, cleanup, free_port, wait_for
+from tests.harness import EXAMPLE_AGENTS, EXAMPLE_CAPABILITIES, cleanup, free_port, wait_for, wait_processes_ready
 from tests.otlp import OtlpReceiver
 from tests.test_image import instructions
 from switchboard.topology import Topology
@@ -247,15 +247,9 @@ async def test_the_sqlite_stack_starts_from_its_compose_file_and_runs_a_workflow
 
         await wait_for(all_healthy, timeout=60, what="every compose service's healthcheck passes")
         async with httpx.AsyncClient(timeout=30) as client:
-            async def ready() -> bool:
-                for env in envs.values():
-                    port = env["SWITCHBOARD_API_PORT"] if env is envs["api"] else env["SWITCHBOARD_HEALTH_PORT"]
-                    if (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code != 200:
-                        return False
-                agents = (await client.get(f"http://127.0.0.1:{settings.api_port}/v1/agents")).json()["agents"]
-                return {a["name"] for a in agents if a["status"] == "alive"} >= set(EXAMPLE_AGENTS)
-
-            await wait_for(ready, timeout=60, what="the platform ready")
+            ports = {name: int(env["SWITCHBOARD_API_PORT" if name == "api" else "SWITCHBOARD_HEALTH_PORT"])
+                     for name, env in envs.items()}
+            await wait_processes_ready(client, settings, ports, procs)
             api = f"http://127.0.0.1:{settings.api_port}/v1"
             spec = {"name": "compose-smoke", "tasks": [
                 {"id": "a", "capability": "echo", "payload": {"x": 1}},

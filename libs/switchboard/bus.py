@@ -221,15 +221,16 @@ class Bus:
         return self.connection is not None and not self.connection.is_closed
 
     async def ensure_work_queue(self, name: str) -> None:
-        if name not in self._declared and self.restricted:
+        if name in self._declared:
+            return
+        if self.restricted:
             # Declared by the platform (or agent-credentials create); a missing one fails here, clearly.
             await self._channel.declare_queue(name, passive=True)
-            self._declared.add(name)
-        elif name not in self._declared:
+        else:
             hold = name.startswith(self.topology.hold_queue(""))
             await self.topology.declare_work_queue(
                 self._channel, name, ttl_s=self.settings.unroutable_after_s if hold else None)
-            self._declared.add(name)
+        self._declared.add(name)
 
     async def _exchange(self, name: str) -> aio_pika.abc.AbstractExchange:
         if not name:

@@ -42,7 +42,7 @@ import sys
 import time
 
 from switchboard import cli_admin, cli_client, cli_commands, cli_top
-from switchboard.settings import Settings, get_settings, redact_url
+from switchboard.settings import Settings, get_settings, redact
 
 SERVICES = {
     "api": "services.api:Api",
@@ -91,12 +91,12 @@ async def _check(settings: Settings) -> dict[str, str | None]:
         connection = await asyncio.wait_for(aio_pika.connect(settings.amqp_url), 5)
         await connection.close()
     except Exception as exc:
-        problems["RabbitMQ"] = f"{redact_url(settings.amqp_url)}: {exc or type(exc).__name__}"
+        problems["RabbitMQ"] = f"{redact(settings.amqp_url)}: {exc or type(exc).__name__}"
     client = aioredis.from_url(settings.redis_url, socket_connect_timeout=5)
     try:
         await client.ping()
     except Exception as exc:
-        problems["Redis"] = f"{redact_url(settings.redis_url)}: {exc}"
+        problems["Redis"] = f"{redact(settings.redis_url)}: {exc}"
     finally:
         await client.aclose()
     return problems
@@ -144,7 +144,7 @@ def run_all() -> int:
           f"  health       " + ", ".join(f"{n} :{p}" for n, p in ports.items()) + " (/healthz /readyz)\n"
           f"  metrics      {api}/metrics  " + "  ".join(f"http://{host}:{p}/metrics" for p in ports.values()) + "\n"
           f"  tracing      {_tracing_status()}\n"
-          f"  broker       {redact_url(settings.amqp_url)}\n  redis        {redact_url(settings.redis_url)}\n"
+          f"  broker       {redact(settings.amqp_url)}\n  redis        {redact(settings.redis_url)}\n"
           f"Try `make demo` in another terminal. Ctrl-C stops everything.\n", flush=True)
     while not stopping:
         time.sleep(0.2)
@@ -218,7 +218,7 @@ def agent_credentials(settings: Settings, args) -> int:
     try:
         url = asyncio.run(credentials.create(settings, args.name, capabilities, args.password))
     except failed as exc:
-        print(f"cannot create broker user {args.name!r} at {redact_url(settings.management_url)}: {exc}", file=sys.stderr)
+        print(f"cannot create broker user {args.name!r} at {redact(settings.management_url)}: {exc}", file=sys.stderr)
         return 1
     print(url)
     return 0

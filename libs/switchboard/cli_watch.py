@@ -10,8 +10,7 @@ from __future__ import annotations
 import time
 
 from switchboard.cli_client import Api
-
-TERMINAL = ("succeeded", "failed", "cancelled")
+from switchboard.workflows import TERMINAL_WORKFLOW as TERMINAL  # a task's terminal statuses are the same
 STATUS_STYLES = {"pending": "dim", "queued": "blue", "running": "yellow", "succeeded": "green",
                  "failed": "red", "cancelled": "magenta"}
 LONG_POLL_S = 30.0  # below the API's 300 s cap and the client's timeout

@@ -17,6 +17,7 @@ Creating a user needs the management API's administrator: only who holds that ca
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
@@ -33,7 +34,7 @@ _HEX = "[0-9a-f]+"  # the random suffix of a private queue (topology.private_que
 def permissions(namespace: str, name: str, capabilities: list[str]) -> dict[str, str]:
     """The configure, write and read regexes (anchored, names escaped) of agent `name`'s broker user."""
     topology = Topology(namespace)
-    private = [f"{re.escape(f'{namespace}.{kind}.{name}.')}{_HEX}" for kind in ("reply", "control")]
+    private = [f"{re.escape(topology.private_prefix(kind, name))}{_HEX}" for kind in ("reply", "control")]
     control_queue = private[1]
     readable = [re.escape(topology.capability_queue(c)) for c in sorted(set(capabilities))]
     readable += [re.escape(topology.agent_queue(name)), re.escape(topology.control), *private]
@@ -116,6 +117,11 @@ class ManagementError(RuntimeError):
     pass
 
 
+def _put_user(settings: Settings, name: str, password: str, perms: dict[str, str]) -> None:
+    with Management(settings) as management:  # a synchronous client: run in a thread (create)
+        management.put_user(name, password, perms)
+
+
 async def declare_for(settings: Settings, name: str, capabilities: list[str]) -> None:
     """As the admin: the platform's topology and the agent's work queues, which its user may not declare."""
     topology = Topology(settings.namespace)
@@ -132,8 +138,7 @@ async def declare_for(settings: Settings, name: str, capabilities: list[str]) ->
 async def create(settings: Settings, name: str, capabilities: list[str], password: str | None = None) -> str:
     """Creates (or updates) agent `name`'s broker user, declares what it needs; returns its AMQP URL."""
     password = password or generate_password()
-    with Management(settings) as management:
-        management.put_user(name, password, permissions(settings.namespace, name, capabilities))
+    await asyncio.to_thread(_put_user, settings, name, password, permissions(settings.namespace, name, capabilities))
     await declare_for(settings, name, capabilities)
     return agent_url(settings.amqp_url, name, password)
 

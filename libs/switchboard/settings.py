@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -17,18 +18,13 @@ def _env(name: str) -> AliasChoices:
 _SECRET_NAMES = ("token", "password", "secret", "key")  # a field so named is never shown, only whether it is set
 
 
-def redact_url(url: str) -> str:
-    """The URL with its password (if any) replaced by ***: what a log line, an error or a repr may show."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-    except ValueError:
-        return url
-    if not password:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    userinfo = netloc[0].partition(":")[0]
-    return urlunsplit(parts._replace(netloc=f"{userinfo}:***@{netloc[2]}"))
+# user:password@ in any URL (amqp, amqps, redis, rediss, http...).
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@")
+
+
+def redact(text: str) -> str:
+    """The text with every URL's password replaced by ***: what a log line, an error or a repr may show."""
+    return _URL_PASSWORD.sub(r"\1***@", text) if "://" in text else text
 
 
 class Settings(BaseSettings):
@@ -40,7 +36,7 @@ class Settings(BaseSettings):
             if isinstance(value, str) and value and any(word in (name or "") for word in _SECRET_NAMES):
                 value = "***"
             elif isinstance(value, str) and "@" in value:
-                value = redact_url(value)
+                value = redact(value)
             yield name, value
 
     amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", validation_alias=_env("AMQP_URL"))

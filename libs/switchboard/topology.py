@@ -78,7 +78,11 @@ class Topology:
     def private_queue(self, kind: str, owner: str) -> str:
         """A process's own exclusive queue, `<ns>.<kind>.<owner>.<12 hex>` (kind reply or control): the
         owner's name in it lets an agent's broker user be allowed its own private queues and no others'."""
-        return f"{self.namespace}.{kind}.{owner}.{uuid.uuid4().hex[:12]}"
+        return f"{self.private_prefix(kind, owner)}{uuid.uuid4().hex[:12]}"
+
+    def private_prefix(self, kind: str, owner: str) -> str:
+        """What every private queue of this kind and owner starts with (switchboard.credentials)."""
+        return f"{self.namespace}.{kind}.{owner}."
 
     def capability_queue(self, capability: str) -> str:
         return f"{self.namespace}.cap.{capability}"

@@ -827,9 +827,13 @@ class WorkflowStore:
                 begin, end = prefix_range(self.ns, "owned", owner)
                 if after:
                     end = pack(self.ns, "owned", owner, after)
-                ids = [unpack(k)[-1] for k, _ in tr.get_range(begin, end, limit=scan, reverse=True)]
-                wfs = [wf for wf in (orjson.loads(tr.get(self._wf_key(i))) for i in ids)
-                       if status is None or wf["status"] == status][:limit]
+                wfs = []
+                for key, _ in tr.get_range(begin, end, limit=limit if status is None else scan, reverse=True):
+                    wf = orjson.loads(tr.get(self._wf_key(unpack(key)[-1])))
+                    if status is None or wf["status"] == status:
+                        wfs.append(wf)
+                        if len(wfs) == limit:
+                            break
             elif status:
                 begin, end = prefix_range(self.ns, "status", status)
                 if after:

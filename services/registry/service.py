@@ -66,9 +66,9 @@ class Registry(Service):
                 continue
             if agent["status"] == "lost":
                 await self._tell(agent, "lost")
-            if agent["status"] == "lost" and not agent.get("lost_at"):
-                log.warning("agent %s lost: no heartbeat for %.1fs", agent["name"], silent)
-                await self.client.upsert(agent | {"lost_at": now})
+                if not agent.get("lost_at"):
+                    log.warning("agent %s lost: no heartbeat for %.1fs", agent["name"], silent)
+                    await self.client.upsert(agent | {"lost_at": now})
             counts[agent["status"]] = counts.get(agent["status"], 0) + 1
         telemetry.emit("agents.counted", counts=counts)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import re
 import sys
 import time
 from typing import Any
@@ -17,15 +16,8 @@ from typing import Any
 import orjson
 from opentelemetry import trace
 
+from switchboard.settings import redact  # a line never shows a URL's password
 from switchboard.telemetry import Call, Consumed, Plugin, TaskRun
-
-# user:password@ in any URL (amqp, amqps, redis, rediss, http...): a line never shows the password.
-_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s:/@]*:)[^\s@/]+@")
-
-
-def redact(text: str) -> str:
-    return _URL_PASSWORD.sub(r"\1***@", text) if "://" in text else text
-
 
 # (workflow id, task id) of the message or task being processed: one variable, so one set and reset each.
 ids: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("ids", default=(None, None))
