@@ -290,8 +290,9 @@ def demo(api: Api, args) -> int:
         for task in parent["tasks"]:
             print(f"\n{task['id']} result:\n{json.dumps(task['result'] or task['error'], indent=2)}")
         for child in views[1:]:
-            print(f"\nchild workflow {child['workflow_id']} ({child['name']}) of task "
-                  f"{child['parent']['task_id']}: {child['status']}")
+            name = f" ({child['name']})" if child.get("name") else ""
+            print(f"\nchild workflow {child['workflow_id']}{name} of task {child['parent']['task_id']}: "
+                  f"{child['status']}")
         print(f"\nworkflow {parent['status']}")
     if parent["status"] not in cli_watch.TERMINAL:
         say(f"the workflow did not finish in {args.timeout:g}s; is `make run` up?")
