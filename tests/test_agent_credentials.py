@@ -39,6 +39,7 @@ async def make_user(management):
         made.append(name)
         topology_queues.update(f"{management.namespace}.cap.{c}" for c in capabilities)
         topology_queues.add(f"{management.namespace}.agent.{name}")
+        topology_queues.add(f"{management.namespace}.sub.{name}")
         return name, await credentials.create(management, name, capabilities)
 
     yield make
@@ -165,6 +166,38 @@ async def test_a_credentialed_agent_runs_and_delegates_tasks_end_to_end(make_use
 
     [letter] = await wait_for(refused_reply, what="the misdirected control.query dead-lettered")
     assert letter["queue"] == platform.topology.coordinator
+
+
+async def test_a_credentialed_agent_streams_checkpoints_asks_publishes_and_subscribes(make_user, platform):
+    name, url = await make_user(["draft"])
+    agent = Agent(name, settings=agent_settings(platform.settings, url))
+    heard = []
+
+    @agent.handler("draft")
+    async def draft(task):
+        await task.stream("some text")
+        await task.progress(message="half", percent=50)
+        await task.checkpoint({"drafted": True})
+        answer = await task.ask("Ship it?")
+        return await task.publish("draft.shipped", {"answer": answer})
+
+    @agent.on_event("draft.*")
+    async def on_draft(event):
+        heard.append(event.id)
+
+    await platform.add_agent(agent)
+    wf_id = await platform.submit({"tasks": [{"id": "t", "capability": "draft"}]})
+
+    async def waiting():
+        return (await stored_task(platform, wf_id, "t"))["status"] == "waiting_input"
+
+    await wait_for(waiting, what="the question asked")
+    assert (await platform.client.post(f"/v1/workflows/{wf_id}/tasks/t/input", json={"answer": "yes"})).status_code == 200
+    view = await platform.wait(wf_id)
+    assert view["status"] == "succeeded", view
+    await wait_for(lambda: heard == [view["result"]["t"]], what="its own event heard")
+    task = view["tasks"][0]
+    assert task["checkpoint"]["state"] == {"drafted": True} and task["progress"]["message"] == "half"
 
 
 async def stored_task(platform, wf_id: str, task_id: str) -> dict:

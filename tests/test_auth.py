@@ -209,3 +209,43 @@ async def test_the_cli_makes_lists_and_revokes_tokens_through_the_api(api):
     assert code == 0 and "revoked" in said
     code, said = await run("revoke", "nope")
     assert code == 1 and "no token" in said
+
+
+async def test_only_a_token_that_may_act_on_the_workflow_answers_its_question_and_it_is_audited(settings):
+    from switchboard import Agent
+
+    platform = Platform(settings.model_copy(update={"api_token": BOOTSTRAP, "api_rate_per_s": 0}))
+    platform.client.headers["Authorization"] = f"Bearer {BOOTSTRAP}"
+    try:
+        await platform.start()
+        agent = Agent("asker", settings=platform.settings)
+
+        @agent.handler("ask")
+        async def ask(task):
+            return await task.ask("ok?")
+
+        await platform.add_agent(agent)
+        tokens = {role: await make_token(platform, role, f"{role}-answers") for role in ("reader", "submitter")}
+        _, other = await make_token(platform, "submitter", "another-submitter")
+        async with as_token(platform, tokens["submitter"][1]) as owner, as_token(platform, other) as stranger, \
+                as_token(platform, tokens["reader"][1]) as reader:
+            response = await owner.post("/v1/workflows", json={"tasks": [{"id": "q", "capability": "ask"}]})
+            wf_id = response.json()["workflow_id"]
+
+            async def waiting():
+                view = (await owner.get(f"/v1/workflows/{wf_id}")).json()
+                return view["tasks"][0]["status"] == "waiting_input"
+
+            await wait_for(waiting, what="the question asked")
+            url = f"/v1/workflows/{wf_id}/tasks/q/input"
+            assert (await reader.post(url, json={"answer": 1})).status_code == 403
+            assert (await stranger.post(url, json={"answer": 1})).status_code == 404  # not its own: absent
+            assert (await owner.post(url, json={"answer": "yes"})).status_code == 200
+        view = await platform.wait(wf_id)
+        assert view["status"] == "succeeded" and view["tasks"][0]["result"] == "yes"
+        records = (await platform.client.get("/v1/audit", params={"action": "task.input"})).json()["records"]
+        assert [(r["actor"]["name"], r["outcome"]) for r in records] == [
+            ("reader-answers", "forbidden"), ("another-submitter", "workflow_not_found"), ("submitter-answers", "ok")]
+        assert records[-1]["target"] == {"workflow_id": wf_id, "task_id": "q"}
+    finally:
+        await platform.close()

@@ -151,7 +151,7 @@ async def test_dag_as_ascii_mermaid_and_svg(examples, tmp_path):
                    "  [+] c     echo  succeeded  <- a\n"
                    "layer 2\n"
                    "  [+] d     echo  succeeded  <- b, c\n"
-                   "legend: [ ] pending  [.] queued  [>] running  [+] succeeded  [x] failed  [-] cancelled\n")
+                   "legend: [ ] pending  [.] queued  [>] running  [?] waiting_input  [+] succeeded  [x] failed  [-] cancelled\n")
     code, out, _ = await cli(env, "dag", wf_id, "--format", "mermaid")
     assert code == 0 and out.startswith("flowchart TD\n")
     for edge in ("t_a --> t_b", "t_a --> t_c", "t_b --> t_d", "t_c --> t_d"):

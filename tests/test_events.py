@@ -4,14 +4,13 @@ reaches connected clients, filtered by workflow when asked, and a client that fa
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
 
-import orjson
 import pytest
 
 import example_agents
+from tests.sse import Reader
 from tests.harness import Platform, wait_for
 
 FAN_OUT = {"name": "fan", "tasks": [
@@ -20,51 +19,6 @@ FAN_OUT = {"name": "fan", "tasks": [
     {"id": "c", "capability": "echo", "depends_on": ["b0", "b1", "b2"]},
 ]}
 ORDER = {"pending": 0, "queued": 1, "running": 2, "succeeded": 3}
-
-
-class Reader:
-    """Reads one stream in the background into `events`: (id, event, data) in arrival order."""
-
-    def __init__(self, client, params: dict | None = None, headers: dict | None = None):
-        self.client, self.params, self.headers = client, params or {}, headers
-        self.events: list[tuple[int, str, dict]] = []
-        self.comments = 0
-        self.ended = asyncio.Event()
-        self.opened = asyncio.Event()
-        self.status: int | None = None
-
-    async def __aenter__(self) -> Reader:
-        self.task = asyncio.create_task(self._read())
-        await asyncio.wait_for(self.opened.wait(), 10)
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
-
-    async def _read(self) -> None:
-        try:
-            async with self.client.stream("GET", "/v1/events", params=self.params, headers=self.headers,
-                                          timeout=None) as response:
-                self.status = response.status_code
-                self.opened.set()
-                fields: dict = {}
-                async for line in response.aiter_lines():
-                    if line.startswith(":"):
-                        self.comments += 1
-                    elif line == "" and fields:
-                        self.events.append((int(fields["id"]), fields["event"], orjson.loads(fields["data"])))
-                        fields = {}
-                    elif ":" in line:
-                        key, _, value = line.partition(":")
-                        fields[key] = value.lstrip(" ")
-        finally:
-            self.opened.set()
-            self.ended.set()
-
-    def of(self, event: str, **match) -> list[dict]:
-        return [d for _, e, d in self.events if e == event and all(d.get(k) == v for k, v in match.items())]
 
 
 async def start_examples(platform):
@@ -77,7 +31,7 @@ async def test_fan_out_tasks_and_workflow_reach_the_stream_in_order(platform):
     async with Reader(platform.client) as everything:
         other = await platform.submit({"tasks": [{"id": "x", "capability": "echo"}]})
         wf_id = await platform.submit(FAN_OUT)
-        async with Reader(platform.client, {"workflow_id": wf_id}) as only:
+        async with Reader(platform.client, params={"workflow_id": wf_id}) as only:
             await wait_for(lambda: everything.of("workflow", workflow_id=wf_id, status="succeeded"),
                            timeout=15, what="the workflow's success on the stream")
         ids = [i for i, _, _ in everything.events]
@@ -104,7 +58,7 @@ async def test_child_workflows_are_in_their_parents_filtered_stream(platform):
     spec = {"tasks": [{"id": "plan", "capability": "plan", "payload": {"goal": "g"}}]}
     async with Reader(platform.client) as everything:
         wf_id = await platform.submit(spec)
-        async with Reader(platform.client, {"workflow_id": wf_id}) as family:
+        async with Reader(platform.client, params={"workflow_id": wf_id}) as family:
             view = await platform.wait(wf_id, timeout=30)
             assert view["status"] == "succeeded", view
             children = {d["workflow_id"] for d in everything.of("workflow")
@@ -199,7 +153,7 @@ async def test_with_auth_the_token_may_come_as_a_query_parameter(settings):
         assert (await platform.client.get("/v1/events")).status_code == 401
         assert (await platform.client.get("/v1/events", params={"access_token": "wrong"})).status_code == 401
         bearer = {"Authorization": "Bearer events-token"}
-        async with Reader(platform.client, {"access_token": "events-token"}) as stream:
+        async with Reader(platform.client, params={"access_token": "events-token"}) as stream:
             assert stream.status == 200
             assert (await platform.client.post("/v1/control/pause", headers=bearer)).status_code == 200
             await wait_for(lambda: stream.of("control", paused=True), timeout=10, what="the pause event")

@@ -115,7 +115,8 @@ CONTRACT = {
 }
 
 KINDS = {"dispatch", "cap", "agent", "hold", "paused", "results", "delay", "control", "reply", "dlq",
-         "coordinator", "registry", "replay", "events"}  # events: the stream of changes (switchboard.stream)
+         "coordinator", "registry", "replay", "events",  # events: the stream of changes (switchboard.stream)
+         "topics", "sub"}  # pub-sub between agents: the exchange, and each agent name's queue
 TASK_OUTCOMES = {"succeeded", "failed", "retried", "dead_lettered", "cancelled", "timed_out"}
 WORKFLOW_STATUSES = {"succeeded", "failed", "cancelled"}
 # The contract's enumerations: a series with any other value breaks it.

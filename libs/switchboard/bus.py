@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 import aiormq
+import aiormq.abc
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from switchboard import telemetry
@@ -241,29 +242,35 @@ class Bus:
 
     async def publish(
         self, envelope: Envelope, routing_key: str, *, exchange: str = "", headers: dict | None = None
-    ) -> None:
-        """Returns once the broker has confirmed the message: after that it survives a broker restart."""
-        await self._send(envelope.encode(), routing_key, exchange, headers or {}, envelope, {
+    ) -> bool:
+        """Returns once the broker has confirmed the message: after that it survives a broker restart.
+        False if no queue took it (the broker returned it): a reply to a process that is gone."""
+        return await self._send(envelope.encode(), routing_key, exchange, headers or {}, envelope, {
             "content_type": "application/json", "priority": envelope.priority.amqp,
             "message_id": envelope.message_id, "type": envelope.type.value,
             "correlation_id": envelope.correlation_id, "reply_to": envelope.reply_to})
 
     async def _send(self, body: bytes, routing_key: str, exchange: str, headers: dict, envelope: Envelope | None,
-                    properties: dict) -> None:
+                    properties: dict) -> bool:
         """Every publish goes through here, and so through the telemetry seam."""
         exchange = exchange or self.outbox
         destination = routing_key if exchange in ("", self.outbox) else exchange  # the queue it is for
         kind = self.topology.kind(destination)
         outgoing = Published(destination, kind, headers, envelope)
 
+        routed = True
+
         async def send() -> None:
+            nonlocal routed
             message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                                        headers=outgoing.headers, user_id=self.user, **properties)
             target = await self._exchange(exchange)
-            await target.publish(message, routing_key=routing_key)
+            confirmation = await target.publish(message, routing_key=routing_key)
+            routed = not isinstance(confirmation, aiormq.abc.DeliveredMessage)  # mandatory: returned
 
         await telemetry.publishing(outgoing, send)
         telemetry.emit("message.published", kind=kind)
+        return routed
 
     async def publish_delayed(self, envelope: Envelope, routing_key: str, delay_s: float) -> None:
         """Delivers to `routing_key` after `delay_s`: the wait happens in RabbitMQ, not in a process."""
@@ -282,6 +289,16 @@ class Bus:
         for start in range(0, len(messages), _PUBLISH_WINDOW):
             window = messages[start:start + _PUBLISH_WINDOW]
             await asyncio.gather(*(self.publish(env, key) for env, key in window))
+
+    async def publish_topic(self, envelope: Envelope) -> None:
+        """An event to the topics exchange, by its topic (the envelope's subject). A subscription queue
+        that is full dead-letters it (reject-publish-dlx) and the broker nacks the publish: the event is
+        then kept in the DLQ for replay, not lost, so that is no failure here."""
+        try:
+            await self.publish(envelope, envelope.subject, exchange=self.topology.topics)
+        except aio_pika.exceptions.DeliveryError:
+            log.warning("event %s (%s): a full subscription queue dead-lettered it", envelope.message_id,
+                        envelope.subject)
 
     async def broadcast(self, envelope: Envelope) -> None:
         await self.publish(envelope, "", exchange=self.topology.control)

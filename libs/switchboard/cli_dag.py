@@ -10,12 +10,12 @@ from __future__ import annotations
 import re
 from xml.sax.saxutils import escape, quoteattr
 
-MARKERS = {"pending": "[ ]", "queued": "[.]", "running": "[>]", "succeeded": "[+]", "failed": "[x]",
-           "cancelled": "[-]"}
-COLOURS = {"pending": "#e5e7eb", "queued": "#bfdbfe", "running": "#fde68a", "succeeded": "#bbf7d0",
-           "failed": "#fecaca", "cancelled": "#d1d5db"}
-STROKES = {"pending": "#6b7280", "queued": "#2563eb", "running": "#d97706", "succeeded": "#16a34a",
-           "failed": "#dc2626", "cancelled": "#4b5563"}
+MARKERS = {"pending": "[ ]", "queued": "[.]", "running": "[>]", "waiting_input": "[?]", "succeeded": "[+]",
+           "failed": "[x]", "cancelled": "[-]"}
+COLOURS = {"pending": "#e5e7eb", "queued": "#bfdbfe", "running": "#fde68a", "waiting_input": "#a5f3fc",
+           "succeeded": "#bbf7d0", "failed": "#fecaca", "cancelled": "#d1d5db"}
+STROKES = {"pending": "#6b7280", "queued": "#2563eb", "running": "#d97706", "waiting_input": "#0891b2",
+           "succeeded": "#16a34a", "failed": "#dc2626", "cancelled": "#4b5563"}
 
 
 def layers(tasks: list[dict]) -> list[list[dict]]:

@@ -5,9 +5,11 @@ RabbitMQ's management API, and deploy/k8s/components/agent-credentials through t
 Permission resources (a test keeps the two equal). An agent's user may:
 
 - read (consume, and bind from) its capabilities' queues, its agent queue, the control exchange (to bind
-  its control queue to it), and its own reply and control queues;
-- write only to agent-out (which routes to results, registry and coordinator: the results path and the
-  submit path of delegation) and to its own control queue (binding a queue needs write on it);
+  its control queue to it), its own reply and control queues, its subscription queue and the topics
+  exchange (to bind that queue to the patterns it subscribes to);
+- write only to agent-out (which routes to results, registry and coordinator: the results path, the
+  submit path of delegation, and the events it publishes, which the aggregator passes on to topics) and
+  to its own control and subscription queues (binding a queue needs write on it);
 - configure only its own reply and control queues (`<ns>.reply.<name>.<hex>`, `<ns>.control.<name>.<hex>`).
 
 RabbitMQ checks no permission for a passive declare, so the agent checks that the platform's queues exist
@@ -36,11 +38,13 @@ def permissions(namespace: str, name: str, capabilities: list[str]) -> dict[str,
     topology = Topology(namespace)
     private = [f"{re.escape(topology.private_prefix(kind, name))}{_HEX}" for kind in ("reply", "control")]
     control_queue = private[1]
+    subscription = re.escape(topology.subscription_queue(name))
     readable = [re.escape(topology.capability_queue(c)) for c in sorted(set(capabilities))]
-    readable += [re.escape(topology.agent_queue(name)), re.escape(topology.control), *private]
+    readable += [re.escape(topology.agent_queue(name)), re.escape(topology.control), *private,
+                 subscription, re.escape(topology.topics)]
     return {
         "configure": _anchored(private),
-        "write": _anchored([re.escape(topology.agent_out), control_queue]),
+        "write": _anchored([re.escape(topology.agent_out), control_queue, subscription]),
         "read": _anchored(readable),
     }
 
@@ -131,6 +135,7 @@ async def declare_for(settings: Settings, name: str, capabilities: list[str]) ->
         await topology.declare(channel)
         for queue in [topology.capability_queue(c) for c in capabilities] + [topology.agent_queue(name)]:
             await topology.declare_work_queue(channel, queue)
+        await topology.declare_subscription(channel, name, [])  # the agent binds its own patterns
     finally:
         await connection.close()
 

@@ -12,12 +12,18 @@
 The SDK registers and heartbeats, consumes with manual acks and a small prefetch (so priorities hold),
 enforces each task's timeout, reports results and errors, lets handlers delegate sub-workflows and
 await them, cancels handlers of cancelled workflows, and drains on SIGTERM.
+
+A handler may also report progress, stream partial output, checkpoint its state, ask a person a
+question and publish events (switchboard.tasklog has the rules and bounds); `@agent.on_event(pattern)`
+subscribes the agent to events. A task waiting for an answer gives up its slot and its broker delivery:
+the store keeps the question, and the task, resumed when the answer comes, takes a slot again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import logging
 import os
@@ -30,16 +36,19 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from switchboard import runtime, telemetry
-from switchboard.bus import Consumer
+from switchboard import runtime, tasklog, telemetry
+from switchboard.bus import Consumer, Transient
 from switchboard.codec import Codec, CodecError
 from switchboard.protocol import Envelope, MessageType, WorkflowSpec, validate_workflow
+from switchboard.reporter import Reporter
 from switchboard.settings import Settings, get_settings
 from switchboard.telemetry import TaskRun
 
 log = logging.getLogger(__name__)
 
 TaskHandler = Callable[["TaskContext"], Awaitable[Any]]
+EventHandler = Callable[["Event"], Awaitable[None]]
+_CONTEXT_QUERY_S = 10.0  # how long a new attempt waits to learn its checkpoint before it is requeued
 _CANCELLED_MEMORY = 10_000  # workflow ids remembered as cancelled, oldest forgotten first
 STARTED_AFTER_S = 0.02
 _CONTROL_QUERY_S = 5.0  # how long a starting agent waits to learn whether an emergency stop is on
@@ -57,10 +66,55 @@ class TaskError(Exception):
         self.retryable = retryable
 
 
-class TaskContext:
-    """What a handler gets: its payload, its parents' results, and a way to delegate to other agents."""
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A published event, as an `on_event` handler gets it. Delivery is at least once: `id` tells a
+    redelivered event from a new one."""
 
-    def __init__(self, agent: Agent, envelope: Envelope):
+    id: str
+    topic: str
+    data: Any
+    source: str
+    published_at: float
+    workflow_id: str | None = None
+    task_id: str | None = None
+
+
+class _Slot:
+    """One of the agent's `concurrency` slots, held by a task while it runs. A task that waits for an
+    answer gives it up, and its broker delivery too (acked: the store keeps the question)."""
+
+    def __init__(self, agent: Agent, message: AbstractIncomingMessage):
+        self._agent, self._message, self.held = agent, message, False
+
+    async def __aenter__(self) -> _Slot:
+        await self.take()
+        return self
+
+    async def __aexit__(self, *_) -> None:
+        self.give_up()
+
+    async def take(self) -> None:
+        await self._agent._slots.acquire()
+        self.held = True
+
+    def give_up(self) -> None:
+        if self.held:
+            self.held = False
+            self._agent._slots.release()
+
+    async def leave(self) -> None:
+        self.give_up()
+        self._agent._waiting[asyncio.current_task()] = self
+        if not self._message.processed:
+            await self._message.ack()
+
+
+class TaskContext:
+    """What a handler gets: its payload, its parents' results, its last checkpoint, and ways to report
+    progress, stream output, ask a person, publish events and delegate to other agents."""
+
+    def __init__(self, agent: Agent, envelope: Envelope, context: dict | None = None, slot: _Slot | None = None):
         self.agent = agent
         self.envelope = envelope
         self.workflow_id: str = envelope.workflow_id or ""
@@ -70,7 +124,94 @@ class TaskContext:
         # Sealed payloads and parents' results are opened here, for the handler (switchboard.codec).
         self.payload: dict = agent.codec.open(envelope.payload.get("payload")) or {}
         self.inputs: dict = agent.codec.open_each(envelope.payload.get("inputs")) or {}
+        context = context or {}
+        # What an earlier attempt checkpointed last (None: start from the beginning).
+        self.checkpoint_state: Any = agent.codec.open(context.get("checkpoint"))
+        self._answers: dict = dict(context.get("answers") or {})
+        self._asked: collections.Counter[str] = collections.Counter()
+        self._checkpoints = 0
         self._delegations = 0
+        self._slot = slot
+        self._timeout: asyncio.Timeout | None = None  # the task's timeout, paused while it waits for an answer
+        self.reporter = Reporter(self._send_report)
+
+    # ---- progress, streaming, checkpoints, questions, events ------------------------------------------
+    async def progress(self, message: str | None = None, percent: float | None = None, data: Any = None) -> None:
+        """Records the attempt's latest progress (shown on the task; sent at most a few times a second)."""
+        if percent is not None and (isinstance(percent, bool) or not isinstance(percent, (int, float))):
+            raise TypeError("percent is a number")
+        self.reporter.progress(None if message is None else str(message)[:1000], percent, data)
+
+    async def stream(self, text: str) -> None:
+        """Sends partial output (LLM tokens, say), in order, to whoever follows the workflow's events."""
+        if not isinstance(text, str):
+            raise TypeError(f"task.stream takes text, not {type(text).__name__}")
+        await self.reporter.text(text)
+
+    async def checkpoint(self, state: Any) -> None:
+        """Stores `state` (JSON, at most the payload limit) durably: it has been committed when this
+        returns, and every later attempt of the task starts with it as `checkpoint_state`."""
+        size = len(orjson.dumps(state))
+        if size > self.agent.settings.max_payload_bytes:
+            raise ValueError(f"checkpoint is {size} bytes, the limit is {self.agent.settings.max_payload_bytes}")
+        await self.reporter.flush()
+        self._checkpoints += 1
+        sealed = self.agent.codec.seal(state)
+        reply = await self.agent._request(self._message(MessageType.STATUS, "checkpoint",
+                                                        {"n": self._checkpoints, "state": sealed}),
+                                          self.agent.bus.topology.results)
+        if not reply.get("stored"):
+            raise TaskError(f"checkpoint not stored: {reply.get('error')}", retryable=False)
+        self.checkpoint_state = state
+
+    async def ask(self, question: str, schema: dict | None = None, timeout_s: float | None = None) -> Any:
+        """Asks a person and returns the answer (`POST /v1/workflows/{id}/tasks/{task_id}/input`), valid
+        against `schema` if one is given. The task waits in status waiting_input, holding no slot; the
+        wait does not count against its timeout. A later attempt that asks the same question again gets
+        the stored answer at once. No answer within timeout_s fails the attempt (retryable)."""
+        tasklog.check_question(question, schema, timeout_s)
+        key = tasklog.question_key(question, self._asked[question])
+        self._asked[question] += 1
+        if key in self._answers:
+            return self._answers[key]
+        await self.reporter.flush()
+        loop = asyncio.get_running_loop()
+        remaining = None
+        if self._timeout is not None and self._timeout.when() is not None:
+            remaining = self._timeout.when() - loop.time()
+            self._timeout.reschedule(None)
+        asking = self._message(MessageType.STATUS, "ask", {"key": key, "question": question, "schema": schema,
+                                                           "timeout_s": timeout_s})
+        try:
+            waiting = self.agent._request(asking, self.agent.bus.topology.results,
+                                          on_sent=self._slot.leave if self._slot else None)
+            try:
+                answer = (await asyncio.wait_for(waiting, timeout_s))["answer"]
+            except TimeoutError:
+                raise TaskError(f"no answer to {question!r} within {timeout_s:g}s") from None
+            finally:
+                self.agent._waiting.pop(asyncio.current_task(), None)
+            if self._slot is not None:
+                await self._slot.take()
+        finally:
+            if remaining is not None:
+                self._timeout.reschedule(loop.time() + remaining)
+        self._answers[key] = answer
+        return answer
+
+    async def publish(self, topic: str, data: Any = None) -> str:
+        """Publishes an event to every agent subscribed to its topic (`@agent.on_event`), and to the
+        workflow's event stream; returns its id."""
+        await self.reporter.flush()
+        return await self.agent._publish(self._message(MessageType.EVENT, "event.publish", {}), topic, data)
+
+    def _message(self, kind: MessageType, subject: str, payload: dict) -> Envelope:
+        return Envelope(type=kind, subject=subject, source=self.agent.name, workflow_id=self.workflow_id,
+                        task_id=self.task_id, attempt=self.attempt, payload=payload)
+
+    async def _send_report(self, payload: dict) -> None:
+        await self.agent.bus.publish(self._message(MessageType.STATUS, "report", payload),
+                                     self.agent.bus.topology.results)
 
     async def run_workflow(self, tasks: list[dict], *, name: str | None = None) -> dict:
         """Runs a child workflow and waits for it: {"workflow_id", "status", "result", "error"}.
@@ -113,6 +254,8 @@ class Agent(runtime.Service):
         self._running: dict[tuple[str, str], asyncio.Task] = {}
         self._cancelled: collections.OrderedDict[str, int] = collections.OrderedDict()  # workflow → epoch
         self._replies: dict[str, asyncio.Future] = {}
+        self.subscriptions: dict[str, EventHandler] = {}  # topic pattern → handler
+        self._waiting: dict[asyncio.Task, _Slot] = {}  # handlers waiting for an answer (see TaskContext.ask)
         self._heartbeat: asyncio.Task | None = None
         self._tasks: Consumer | None = None
         self._stopped = False  # an emergency stop is on
@@ -128,6 +271,31 @@ class Agent(runtime.Service):
 
         return register
 
+    def on_event(self, pattern: str) -> Callable[[EventHandler], EventHandler]:
+        """Subscribes this agent name to events whose topic matches `pattern` (`*` one word, `#` any
+        number): each matching event reaches one of its replicas, at least once."""
+        tasklog.check_pattern(pattern)
+
+        def register(fn: EventHandler) -> EventHandler:
+            self.subscriptions[pattern] = fn
+            return fn
+
+        return register
+
+    async def publish(self, topic: str, data: Any = None) -> str:
+        """Publishes an event from outside any task; returns its id."""
+        return await self._publish(Envelope(type=MessageType.EVENT, subject="event.publish", source=self.name),
+                                   topic, data)
+
+    async def _publish(self, env: Envelope, topic: str, data: Any) -> str:
+        tasklog.check_topic(topic)
+        size = len(orjson.dumps(data))
+        if size > self.settings.max_payload_bytes:
+            raise ValueError(f"event data is {size} bytes, the limit is {self.settings.max_payload_bytes}")
+        env.payload = {"topic": topic, "data": data}
+        await self.bus.publish(env, self.bus.topology.results)  # the aggregator passes it on, once recorded
+        return env.message_id
+
     @property
     def capabilities(self) -> list[str]:
         return sorted(self.handlers)
@@ -141,6 +309,15 @@ class Agent(runtime.Service):
         # Stopped in reverse: tasks drain first, while replies to their delegations can still arrive.
         await self.subscribe_control(self._on_control)
         self._consumers.append(await self.bus.consume_private(self._on_reply, name=self.reply_queue))
+        if self.subscriptions:
+            channel = self.bus._channel
+            queue = await topology.declare_subscription(channel, self.name, sorted(self.subscriptions),
+                                                        passive=self.bus.restricted)
+            if self.bus.restricted:  # declared by agent-credentials create; the agent binds its patterns
+                amqp_queue = await channel.declare_queue(queue, passive=True)
+                for pattern in sorted(self.subscriptions):
+                    await amqp_queue.bind(topology.topics, routing_key=pattern)
+            await self.consume(queue, self._on_event, prefetch=self.concurrency)
         self._tasks = await self.consume(queues, self._on_task, prefetch=self.concurrency, paused=True,
                                          arguments={"x-consumer-timeout": _CONSUMER_TIMEOUT_MS})
         self._stopped = (await self._query_control()).get("stopped", False)
@@ -161,11 +338,19 @@ class Agent(runtime.Service):
 
     async def _ask_coordinator(self, ask: Envelope, *, timeout_s: float | None = None) -> dict:
         """Publishes `ask` to the coordinators and waits for the reply carrying its correlation id."""
+        return await self._request(ask, self.bus.topology.coordinator, timeout_s=timeout_s)
+
+    async def _request(self, ask: Envelope, queue: str, *, timeout_s: float | None = None, on_sent=None) -> dict:
+        """Publishes `ask` to a service's queue and waits for the reply to this agent's reply queue that
+        carries its correlation id (one is made if it has none)."""
+        ask.correlation_id = ask.correlation_id or f"{ask.subject}:{uuid.uuid4().hex}"
         future = asyncio.get_running_loop().create_future()
         self._replies[ask.correlation_id] = future
         try:
             ask.reply_to = self.reply_queue
-            await self.bus.publish(ask, self.bus.topology.coordinator)
+            await self.bus.publish(ask, queue)
+            if on_sent is not None:
+                await on_sent()
             return await asyncio.wait_for(future, timeout_s)
         finally:
             self._replies.pop(ask.correlation_id, None)
@@ -177,6 +362,13 @@ class Agent(runtime.Service):
             await self._tasks.pause()
         else:
             await self._tasks.resume()
+
+    async def stop(self) -> None:
+        # Handlers waiting for an answer are dropped first, so the drain does not wait for them: the store
+        # keeps their question, and an answer that finds this agent gone queues the task again.
+        for handler in list(self._waiting):
+            handler.cancel()
+        await super().stop()
 
     async def teardown(self) -> None:
         if self.bus.is_connected:
@@ -200,16 +392,26 @@ class Agent(runtime.Service):
     async def _on_task(self, env: Envelope, message: AbstractIncomingMessage) -> None:
         if env.type != MessageType.TASK or not env.workflow_id or not env.task_id:
             raise ValueError(f"not a task message: type={env.type.value} subject={env.subject!r}")
-        async with self._slots:
-            await self._run_task(env)
+        async with _Slot(self, message) as slot:
+            await self._run_task(env, slot, message.redelivered)
 
-    async def _run_task(self, env: Envelope) -> None:
+    async def _run_task(self, env: Envelope, slot: _Slot, redelivered: bool) -> None:
         if env.payload.get("epoch", 0) <= self._cancelled.get(env.workflow_id, -1):
             return  # its workflow was cancelled (a replay starts a new epoch, which does run)
+        context = await self._context(env) if env.attempt > 1 or redelivered else None
         run = TaskRun(env, env.payload.get("capability", ""), self.name)
-        await telemetry.running(run, functools.partial(self._run, run))
+        await telemetry.running(run, functools.partial(self._run, run, context, slot))
 
-    async def _run(self, run: TaskRun) -> None:
+    async def _context(self, env: Envelope) -> dict:
+        """A retried or redelivered attempt's start: the checkpoint and answers of the attempts before."""
+        ask = Envelope(type=MessageType.EVENT, subject="task.context", source=self.name,
+                       workflow_id=env.workflow_id, task_id=env.task_id, attempt=env.attempt)
+        try:
+            return await self._ask_coordinator(ask, timeout_s=_CONTEXT_QUERY_S)
+        except TimeoutError:
+            raise Transient(f"no coordinator told the checkpoint of {env.task_id!r} within {_CONTEXT_QUERY_S}s") from None
+
+    async def _run(self, run: TaskRun, stored: dict | None = None, slot: _Slot | None = None) -> None:
         """Runs the handler and publishes its result or error; run.outcome says which it was."""
         env, capability = run.envelope, run.capability
         handler = self.handlers.get(capability)
@@ -222,7 +424,7 @@ class Agent(runtime.Service):
             telemetry.emit("task.started", capability=capability, priority=env.priority.value, agent=self.name,
                            queue_wait_s=started_at - env.timestamp)
             try:
-                context = TaskContext(self, env)
+                context = TaskContext(self, env, stored, slot)
             except CodecError as exc:  # sealed with a key this agent lacks: say so, never hand over ciphertext
                 reply, run.outcome = self._error(env, type(exc).__name__, f"payload {exc}", False), "failed"
                 await self.bus.publish(reply, self.bus.topology.results)
@@ -231,9 +433,12 @@ class Agent(runtime.Service):
             self._running[key] = task
             announcing = asyncio.create_task(self._announce_start(env, task, started_at))
             try:
-                async with asyncio.timeout(env.timeout_s):
+                async with asyncio.timeout(env.timeout_s) as context._timeout:
                     result = await task
+                    streamed = await context.reporter.flush()  # what it streamed is recorded before its result
                 reply = self._result(env, result)
+                if streamed:
+                    reply.payload["streamed"] = streamed
             except TimeoutError:
                 reply = self._error(env, "TimeoutError", f"timed out after {env.timeout_s}s", True)
                 run.outcome = "timed_out"
@@ -249,6 +454,7 @@ class Agent(runtime.Service):
                 reply, run.outcome = self._error(env, type(exc).__name__, str(exc), True), "failed"
             finally:
                 self._running.pop(key, None)
+                context.reporter.close()
                 if not getattr(announcing, "publishing", False):
                     announcing.cancel()
                 await asyncio.gather(announcing, return_exceptions=True)  # "started" goes out first
@@ -311,10 +517,21 @@ class Agent(runtime.Service):
 
     async def _on_reply(self, env: Envelope, message: AbstractIncomingMessage) -> None:
         future = self._replies.get(env.correlation_id or "")
-        if future is not None and not future.done():
-            try:
-                result = self.codec.open_each(env.payload.get("result"))
-            except CodecError as exc:
-                future.set_exception(TaskError(f"the delegated workflow's result: {exc}", retryable=False))
-            else:
-                future.set_result({"workflow_id": env.workflow_id, **env.payload, "result": result})
+        if future is None or future.done():
+            return
+        if env.subject != "workflow.finished":  # an answer, a checkpoint stored, a task's context, controls
+            future.set_result(env.payload)
+            return
+        try:
+            result = self.codec.open_each(env.payload.get("result"))
+        except CodecError as exc:
+            future.set_exception(TaskError(f"the delegated workflow's result: {exc}", retryable=False))
+        else:
+            future.set_result({"workflow_id": env.workflow_id, **env.payload, "result": result})
+
+    async def _on_event(self, env: Envelope, message: AbstractIncomingMessage) -> None:
+        event = Event(id=env.message_id, topic=env.subject, data=env.payload.get("data"), source=env.source,
+                      published_at=env.timestamp, workflow_id=env.workflow_id, task_id=env.task_id)
+        for pattern, handler in self.subscriptions.items():
+            if tasklog.topic_matches(pattern, event.topic):
+                await handler(event)

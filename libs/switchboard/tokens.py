@@ -6,7 +6,8 @@ is the bootstrap admin, which makes the first tokens. Keys: (ns, "token", id) â†
 
 Roles, each allowing a set of permissions (what a route asks for):
   reader     every read
-  submitter  submits, and reads and cancels the workflows its own token made (others look absent)
+  submitter  submits, and reads, cancels and answers the questions of the workflows its own token made
+             (others look absent)
   operator   everything on workflows, the DLQ and the controls
   admin      also tokens, the audit log and agent credentials
 """
@@ -36,10 +37,11 @@ class Role(str, enum.Enum):
 
 
 _OPERATOR = {"read", "workflows.submit", "workflows.read_own", "workflows.cancel", "workflows.cancel_own",
-             "dlq.replay", "dlq.delete", "control"}
+             "workflows.answer", "workflows.answer_own", "dlq.replay", "dlq.delete", "control"}
 PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.READER: frozenset({"read"}),
-    Role.SUBMITTER: frozenset({"workflows.submit", "workflows.read_own", "workflows.cancel_own"}),
+    Role.SUBMITTER: frozenset({"workflows.submit", "workflows.read_own", "workflows.cancel_own",
+                               "workflows.answer_own"}),
     Role.OPERATOR: frozenset(_OPERATOR),
     Role.ADMIN: frozenset(_OPERATOR | {"tokens", "audit", "agent-credentials"}),
 }

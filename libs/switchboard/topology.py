@@ -12,6 +12,8 @@ Flow:  api ──workflow.submitted──▶ coordinator ──ready task──�
                   nowhere else (see switchboard.credentials)
        api ──replay requests──▶ replay ──▶ dlq-replayer (rate-limited)
        control (fanout): pause, resume, stop-all, cancel ──▶ every dispatcher and agent
+       agent ──event.publish──▶ results ──▶ aggregator (logs a task's) ──▶ topics (topic exchange)
+                  ──▶ sub.<agent name> (one queue per agent name, bound to its patterns: its replicas share it)
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from switchboard.protocol import MAX_PRIORITY
+
+SUBSCRIPTION_BACKLOG = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,10 @@ class Topology:
         return f"{self.namespace}.events"
 
     @property
+    def topics(self) -> str:
+        return f"{self.namespace}.topics"
+
+    @property
     def agent_out(self) -> str:
         return f"{self.namespace}.agent-out"
 
@@ -90,6 +98,9 @@ class Topology:
     def agent_queue(self, agent: str) -> str:
         return f"{self.namespace}.agent.{agent}"
 
+    def subscription_queue(self, agent: str) -> str:
+        return f"{self.namespace}.sub.{agent}"
+
     def hold_queue(self, capability: str) -> str:
         return f"{self.namespace}.hold.{capability}"
 
@@ -101,7 +112,8 @@ class Topology:
 
     def kind(self, name: str) -> str:
         """What a queue or exchange is for, without the ids in its name: dispatch, cap, agent, hold, paused,
-        results, delay, control, reply, dlq, coordinator, registry, replay or events (the metrics' label)."""
+        results, delay, control, reply, dlq, coordinator, registry, replay, events, topics or sub (the
+        metrics' label)."""
         return _kind(self.namespace, name)
 
     def _arguments(self, *, priority: bool) -> dict:
@@ -117,6 +129,7 @@ class Topology:
         await dlq.bind(dlx)
         await channel.declare_exchange(self.control, aio_pika.ExchangeType.FANOUT, durable=True)
         await channel.declare_exchange(self.events, aio_pika.ExchangeType.TOPIC, durable=True)
+        await channel.declare_exchange(self.topics, aio_pika.ExchangeType.TOPIC, durable=True)
         agent_out = await channel.declare_exchange(self.agent_out, aio_pika.ExchangeType.DIRECT, durable=True)
         for name, priority in (
             (self.dispatch, True),
@@ -133,7 +146,7 @@ class Topology:
         """What an agent whose broker user may not declare needs, checked passively (which needs no
         permission): a missing one raises ChannelNotFoundEntity. The platform, or `switchboard
         agent-credentials create`, declares them."""
-        for exchange in (self.control, self.agent_out):
+        for exchange in (self.control, self.agent_out, self.topics):
             await channel.declare_exchange(exchange, passive=True)
         for name in self.agent_out_targets:
             await channel.declare_queue(name, passive=True)
@@ -145,6 +158,24 @@ class Topology:
         if ttl_s is not None:
             arguments["x-message-ttl"] = int(ttl_s * 1000)
         await channel.declare_queue(name, durable=True, arguments=arguments)
+
+    async def declare_subscription(self, channel: AbstractChannel, agent: str, patterns: list[str], *,
+                                   passive: bool = False) -> str:
+        """The queue of an agent name's event subscriptions, bound to each pattern. Its replicas consume
+        it as competing consumers, so each event reaches one replica of each subscribed agent name. It
+        holds at most SUBSCRIPTION_BACKLOG events: past that, the broker dead-letters the newest, which
+        the DLQ keeps for replay, rather than grow without bound while the agent is away. Passive: an
+        agent with a broker user of its own, which may bind the queue but not declare it."""
+        name = self.subscription_queue(agent)
+        if passive:
+            queue = await channel.declare_queue(name, passive=True)
+        else:
+            queue = await channel.declare_queue(name, durable=True, arguments={
+                "x-dead-letter-exchange": self.dlx, "x-max-length": SUBSCRIPTION_BACKLOG,
+                "x-overflow": "reject-publish-dlx"})
+        for pattern in patterns:
+            await queue.bind(self.topics, routing_key=pattern)
+        return name
 
     async def declare_delay_queue(self, channel: AbstractChannel, target: str, delay_ms: int) -> str:
         """A queue nobody consumes: messages wait out their TTL, then dead-letter into `target`. It
@@ -159,7 +190,8 @@ class Topology:
 
 _KINDS = {"dispatch": "dispatch", "cap": "cap", "agent": "agent", "hold": "hold", "paused": "paused",
           "results": "results", "coordinator": "coordinator", "registry": "registry", "replay": "replay",
-          "dlq": "dlq", "dlx": "dlq", "control": "control", "events": "events", "reply": "reply"}
+          "dlq": "dlq", "dlx": "dlq", "control": "control", "events": "events", "reply": "reply",
+          "topics": "topics", "sub": "sub"}
 
 
 @functools.lru_cache(maxsize=4096)  # bounded: reply queues' names are new with every agent process

@@ -10,6 +10,9 @@ Keys (fdb.tuple packed):
   (ns, "status", status, wf_id) → b""          (ns, "idem", key) → {workflow_id, digest}
   (ns, "unscheduled", wf_id) → claimed_at      intake not yet done: when it was stored, or last taken up
   (ns, "deadline", ts, wf_id, task_id) → attempt   running attempts, for the timeout watchdog
+                                                  (or {attempt, input}: a question's own timeout)
+  (ns, "log", root_id, seq) → entry            what a workflow family's agents said (switchboard.tasklog)
+  (ns, "logseq", root_id) → last seq           (ns, "children", wf_id, child_id) → b""
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from switchboard import deadletters, stream, telemetry
+from switchboard import deadletters, stream, tasklog, telemetry
 from switchboard.protocol import Envelope, MessageType, Priority, WorkflowSpec, new_id
 from switchboard.settings import Settings, amqp_username
 from switchboard.state import Store, Transaction, pack, prefix_range, unpack
@@ -52,6 +55,19 @@ class NotReplayable(ValueError):
     pass
 
 
+class NotWaiting(ValueError):
+    """An answer to a task that asked nothing (or whose question was answered already)."""
+
+
+class InvalidAnswer(ValueError):
+    """An answer that does not match its question's JSON schema."""
+
+
+class NotYet(ValueError):
+    """An agent's report that arrived ahead of an earlier one of the same attempt (two aggregators
+    took them): it is requeued, so that what a task streams is recorded in the order it was sent."""
+
+
 class Forged(ValueError):
     """An outcome of an attempt from a broker user other than the one that claimed it: never recorded;
     the aggregator dead-letters it, with this as its reason."""
@@ -77,6 +93,10 @@ class FollowUps:
     events: list[tuple[str, dict]] = field(default_factory=list)
     # Outcomes record() refused, as (index in its batch, reason): forged ones (see Forged).
     refused: list[tuple[int, str]] = field(default_factory=list)
+    # Outcomes record() put off, as (index in its batch, reason): out of order (see NotYet).
+    deferred: list[tuple[int, str]] = field(default_factory=list)
+    # Events that tasks published (pub-sub), for the topics exchange: delivered once recorded.
+    topics: list[Envelope] = field(default_factory=list)
     # Not for the platform: what the transaction changed, for the event stream (switchboard.stream),
     # filled in by WorkflowStore._transact from what the transaction wrote.
     stream: list[dict] = field(default_factory=list)
@@ -119,6 +139,8 @@ class FollowUps:
             await bus.publish_raw(body, queue)
         for env in self.control:
             await bus.broadcast(env)
+        for env in self.topics:
+            await bus.publish_topic(env)
         for env in self.dispatch:
             telemetry.emit("task.queued", capability=env.payload["capability"], priority=env.priority.value)
 
@@ -134,16 +156,20 @@ def backoff_s(retry: dict, attempt: int) -> float:
 
 def task_view(task: dict) -> dict:
     keys = ("id", "capability", "status", "attempts", "result", "error", "errors", "reason", "depends_on",
-            "priority", "agent", "ran_on", "queued_at", "started_at", "finished_at")
-    return {k: task.get(k) for k in keys}
+            "priority", "agent", "ran_on", "queued_at", "started_at", "finished_at", "progress", "checkpoint")
+    view = {k: task.get(k) for k in keys}
+    question = task.get("input")
+    view["input"] = {k: question.get(k) for k in tasklog.QUESTION_KEYS} if question else None
+    view["answers"] = task.get("answers") or {}
+    return view
 
 
 def workflow_view(wf: dict, tasks: list[dict]) -> dict:
     return {
         "workflow_id": wf["id"], "name": wf.get("name"), "status": wf["status"],
         "created_at": wf["created_at"], "updated_at": wf["updated_at"], "finished_at": wf.get("finished_at"),
-        "parent": wf.get("parent"), "error": wf.get("error"), "result": wf.get("result"),
-        "owner": wf.get("owner"), "tasks": [task_view(t) for t in tasks],
+        "parent": wf.get("parent"), "root": wf.get("root") or wf["id"], "error": wf.get("error"),
+        "result": wf.get("result"), "owner": wf.get("owner"), "tasks": [task_view(t) for t in tasks],
     }
 
 
@@ -171,10 +197,10 @@ class WorkflowStore:
             raise NotFound(f"no workflow {wf_id!r}")
         return orjson.loads(raw)
 
-    def _owner_of(self, tr: Transaction, parent: object) -> str | None:
+    def _parent_of(self, tr: Transaction, parent: object) -> dict | None:
         wf_id = parent.get("workflow_id") if isinstance(parent, dict) else None
         raw = tr.get(self._wf_key(wf_id)) if isinstance(wf_id, str) else None
-        return orjson.loads(raw).get("owner") if raw else None
+        return orjson.loads(raw) if raw else None
 
     def _read_task(self, tr: Transaction, wf_id: str, task_id: str) -> dict:
         raw = tr.get(self._task_key(wf_id, task_id))
@@ -185,9 +211,24 @@ class WorkflowStore:
     def _tasks(self, tr: Transaction, wf_id: str) -> list[dict]:
         return [orjson.loads(v) for _, v in tr.get_range(*prefix_range(self.ns, "task", wf_id))]
 
-    def _write_task(self, tr: Transaction, wf_id: str, task: dict) -> None:
+    def _write_task(self, tr: Transaction, wf_id: str, task: dict, *, note: bool = True) -> None:
         tr.set(self._task_key(wf_id, task["id"]), orjson.dumps(task))
-        _note(tr, ("task", wf_id, task["id"]), lambda: stream.task_change(wf_id, task))
+        if note:
+            _note(tr, ("task", wf_id, task["id"]), lambda: stream.task_change(wf_id, task))
+
+    def _log(self, tr: Transaction, wf: dict, entry: dict, *, kept: bool = True) -> dict:
+        """Appends an entry to the log of the workflow's family (its root's), next in order, and notes it
+        for the event stream; returns it with its seq. Not kept: logged without its text or data (the
+        task's share of the log is used up), though sent live whole."""
+        root = wf.get("root") or wf["id"]
+        counter = pack(self.ns, "logseq", root)
+        raw = tr.get(counter)
+        seq = (orjson.loads(raw) if raw else 0) + 1
+        tr.set(counter, orjson.dumps(seq))
+        entry.update(seq=seq, root=root, workflow_id=wf["id"], at=time.time())
+        tr.set(pack(self.ns, "log", root, seq), orjson.dumps(entry if kept else tasklog.without_content(entry)))
+        _note(tr, ("log", root, seq), lambda: entry)
+        return entry
 
     def _write_wf(self, tr: Transaction, wf: dict, *, old_status: str | None = None) -> None:
         wf["updated_at"] = time.time()
@@ -206,9 +247,18 @@ class WorkflowStore:
             _note(tr, ("wf", wf["id"]), lambda: stream.workflow_change(wf))
 
     def _set_deadline(self, tr: Transaction, wf_id: str, task: dict) -> None:
-        deadline = task["started_at"] + task["timeout_s"] + self.settings.watchdog_grace_s
+        # Time spent waiting for an answer does not count against the task's timeout.
+        deadline = (task["started_at"] + task.get("waited_s", 0.0) + task["timeout_s"]
+                    + self.settings.watchdog_grace_s)
         task["deadline"] = deadline
         tr.set(pack(self.ns, "deadline", deadline, wf_id, task["id"]), orjson.dumps(task["attempts"]))
+
+    def _set_input_deadline(self, tr: Transaction, wf_id: str, task: dict, ask_by: float) -> None:
+        """A question with a timeout of its own: the watchdog fails the attempt if its agent, which
+        enforces it, is gone by then."""
+        task["deadline"] = deadline = ask_by + self.settings.watchdog_grace_s
+        tr.set(pack(self.ns, "deadline", deadline, wf_id, task["id"]),
+               orjson.dumps({"attempt": task["attempts"], "input": True}))
 
     def _clear_deadline(self, tr: Transaction, wf_id: str, task: dict) -> None:
         if task.get("deadline") is not None:
@@ -243,10 +293,14 @@ class WorkflowStore:
             "id": wf_id, "name": spec.name, "status": "pending", "created_at": now, "updated_at": now,
             "task_ids": [t.id for t in spec.tasks], "remaining": len(spec.tasks), "parent": parent,
             "reply_to": reply_to, "correlation_id": correlation_id, "idempotency_key": idempotency_key,
-            "epoch": 0, "traceparent": traceparent,
-            # The token that submitted it; a delegated child belongs to its parent's.
-            "owner": self._owner_of(tr, parent) if parent else owner,
+            "epoch": 0, "traceparent": traceparent, "owner": owner, "root": wf_id,
         }
+        parent_wf = self._parent_of(tr, parent)
+        if parent_wf is not None:  # a delegated child belongs to its parent's token, and to its family
+            wf.update(owner=parent_wf.get("owner"), root=parent_wf.get("root") or parent_wf["id"])
+            tr.set(pack(self.ns, "children", parent_wf["id"], wf_id), b"")
+            self._log(tr, parent_wf, {"event": "child", "task_id": parent.get("task_id"),
+                                      "child_workflow_id": wf_id, "name": spec.name})
         tr.set(self._wf_key(wf_id), orjson.dumps(wf))
         _note(tr, ("wf", wf_id), lambda: stream.workflow_change(wf))
         if wf["owner"]:
@@ -263,7 +317,8 @@ class WorkflowStore:
                 max_attempts=t.max_attempts or self.settings.default_max_attempts,
                 retry=task["retry"] or default_retry, children=children[t.id], status="pending", attempts=0,
                 result=None, error=None, reason=None, errors=[], ran_on=None, queued_at=None,
-                started_at=None, finished_at=None, deadline=None,
+                started_at=None, finished_at=None, deadline=None, progress=None, checkpoint=None, input=None,
+                answers={}, waited_s=0.0,
             )
             self._write_task(tr, wf_id, task)
         if idempotency_key:
@@ -299,12 +354,17 @@ class WorkflowStore:
         return ids, started, out
 
     async def create_child(self, spec: WorkflowSpec, idempotency_key: str, parent: dict, reply_to: str,
-                           correlation_id: str) -> str:
-        wf_id, new = await self.store.transact(self._create, spec, idempotency_key, parent, reply_to, correlation_id,
-                                               telemetry.traceparent())
+                           correlation_id: str) -> tuple[str, FollowUps]:
+        """Stores a delegated workflow; the follow-ups carry only its stream changes."""
+        traceparent = telemetry.traceparent()
+
+        def txn(tr: Transaction):
+            return *self._create(tr, spec, idempotency_key, parent, reply_to, correlation_id, traceparent), FollowUps()
+
+        wf_id, new, out = await self._transact(txn)
         if new:
             telemetry.emit_all(_submitted(spec))
-        return wf_id
+        return wf_id, out
 
     async def unscheduled(self, older_than_s: float, limit: int = 100) -> list[str]:
         """Workflows stored but not taken in by a coordinator, and not taken up for older_than_s (the api
@@ -465,6 +525,8 @@ class WorkflowStore:
                     out.extend(self._apply(tr, env, sender=TRUSTED if senders is None else senders[i]))
                 except Forged as exc:  # raised before the message wrote anything
                     out.refused.append((i, str(exc)))
+                except NotYet as exc:  # likewise
+                    out.deferred.append((i, str(exc)))
             return out
 
         return await self._commit(txn)
@@ -536,11 +598,16 @@ class WorkflowStore:
         self._check_sender(task, env, sender)
         wf_id, now = wf["id"], time.time()
         started_at = env.payload.get("started_at") or now
-        if env.type == MessageType.STATUS:
-            if task["status"] in ("queued", "pending") and env.attempt > task["attempts"]:
+        if env.type in (MessageType.STATUS, MessageType.EVENT):
+            started = task["status"] in ("queued", "pending") and env.attempt > task["attempts"]
+            if started:  # "started", or anything else that the attempt says: it runs
                 task.update(status="running", attempts=env.attempt, started_at=started_at, reason=None,
-                            ran_on=env.source)
+                            ran_on=env.source, waited_s=0.0)
                 self._set_deadline(tr, wf_id, task)
+            if env.subject not in ("", "started"):
+                current = task["status"] not in TERMINAL_TASK and env.attempt == task["attempts"]
+                self._apply_report(tr, wf, task, env, out, current=current)
+            if started:
                 self._write_task(tr, wf_id, task)
             return out
         if task["status"] in TERMINAL_TASK or env.attempt < task["attempts"]:
@@ -552,7 +619,11 @@ class WorkflowStore:
                 if wf["status"] in TERMINAL_WORKFLOW:
                     out.replies += self._reply(wf)
             return out
+        if env.type == MessageType.RESULT and tasklog.streamed_to(task, env.attempt) < env.payload.get("streamed", 0):
+            raise NotYet(f"the result of attempt {env.attempt} of task {task['id']!r} came ahead of its "
+                         "last streamed text")
         self._clear_deadline(tr, wf_id, task)
+        task["input"] = None
         if env.attempt > task["attempts"]:  # it finished before it ever reported running
             task.update(attempts=env.attempt, started_at=started_at)
         if env.type == MessageType.RESULT:
@@ -607,6 +678,67 @@ class WorkflowStore:
         out.extend(self._fail_workflow(tr, wf, f"task {task['id']!r} failed: {error.get('message', '')}"))
         return out
 
+    def _apply_report(self, tr: Transaction, wf: dict, task: dict, env: Envelope, out: FollowUps, *,
+                      current: bool) -> None:
+        """What a running attempt says besides its outcome (switchboard.tasklog). Only the current
+        attempt's reports change the task; a checkpoint is answered either way, so its agent never waits
+        in vain. Raises NotYet before writing anything."""
+        wf_id, payload, attempt = wf["id"], env.payload, env.attempt
+        if env.subject == "report" and current:
+            try:
+                entry, kept = tasklog.take_text(task, attempt, int(payload.get("offset", 0)), str(payload.get("text", "")))
+            except tasklog.OutOfOrder as exc:
+                raise NotYet(str(exc)) from None
+            if entry is not None:
+                self._log(tr, wf, entry, kept=kept)
+            change = tasklog.take_progress(task, attempt, payload["progress"]) if payload.get("progress") else None
+            if change is not None:
+                change["workflow_id"] = wf_id
+                _note(tr, ("progress", wf_id, task["id"]), lambda: change)
+            self._write_task(tr, wf_id, task, note=False)
+        elif env.subject == "checkpoint":
+            problem = (tasklog.take_checkpoint(task, attempt, int(payload.get("n", 0)), payload.get("state"),
+                                               self.settings.max_payload_bytes)
+                       if current else f"attempt {attempt} of task {task['id']!r} is over")
+            if problem is None:
+                self._write_task(tr, wf_id, task, note=False)
+            if env.reply_to:
+                out.replies.append((Envelope(type=MessageType.EVENT, subject="checkpoint.stored", source=self.source,
+                                             correlation_id=env.correlation_id,
+                                             payload={"stored": problem is None, "error": problem}), env.reply_to))
+        elif env.subject == "ask" and current:
+            key = str(payload.get("key"))
+            answers = task.get("answers") or {}
+            if key in answers:  # answered already (this ask was redelivered): the agent hears it again
+                if env.reply_to:
+                    out.replies.append((_answer_message(env.correlation_id, answers[key], self.source), env.reply_to))
+                return
+            question = task.get("input")
+            if question is not None and question.get("key") == key:
+                question.update(reply_to=env.reply_to, correlation_id=env.correlation_id)
+                self._write_task(tr, wf_id, task, note=False)
+                return
+            self._clear_deadline(tr, wf_id, task)
+            now = time.time()
+            timeout_s = payload.get("timeout_s")
+            task.update(status="waiting_input", input={
+                "key": key, "question": payload.get("question"), "schema": payload.get("schema"),
+                "timeout_s": timeout_s, "asked_at": now, "attempt": attempt, "reply_to": env.reply_to,
+                "correlation_id": env.correlation_id})
+            if timeout_s:
+                self._set_input_deadline(tr, wf_id, task, now + float(timeout_s))
+            self._write_task(tr, wf_id, task)
+            self._log(tr, wf, {"event": "input", "task_id": task["id"], "attempt": attempt, "key": key,
+                               "question": payload.get("question"), "schema": payload.get("schema"),
+                               "timeout_s": timeout_s})
+        elif env.subject == "event.publish":
+            topic = tasklog.check_topic(payload.get("topic"))
+            entry, kept = tasklog.take_published(task, attempt, env.message_id, topic, payload.get("data"))
+            if entry is not None:
+                self._log(tr, wf, entry, kept=kept)
+                self._write_task(tr, wf_id, task, note=False)
+            out.topics.append(topic_message(env, topic))
+
     @staticmethod
     def _succeeded(wf_id: str, task: dict, traceparent: str | None) -> list[tuple[str, str, str | None]]:
         return [(wf_id, task["id"], traceparent)] if task["children"] else []
@@ -620,7 +752,7 @@ class WorkflowStore:
         for task in self._tasks(tr, wf["id"]):
             if task["status"] not in TERMINAL_TASK:
                 self._clear_deadline(tr, wf["id"], task)
-                task.update(status="cancelled", finished_at=now, reason=f"workflow {status}")
+                task.update(status="cancelled", finished_at=now, reason=f"workflow {status}", input=None)
                 self._write_task(tr, wf["id"], task)
                 out.events.append(_finished(task, "cancelled"))
         self._set_wf_status(tr, wf, status, error=error)
@@ -648,12 +780,16 @@ class WorkflowStore:
             for key, raw in tr.get_range(begin, pack(self.ns, "deadline", time.time()), limit=limit):
                 _, _, _, wf_id, task_id = unpack(key)
                 tr.clear(key)
-                overdue = Envelope(
-                    type=MessageType.ERROR, source="watchdog", workflow_id=wf_id, task_id=task_id,
-                    attempt=orjson.loads(raw),
-                    payload={"error": {"type": "DeadlineExceeded", "retryable": True,
-                                       "message": "no result within the task's timeout plus "
-                                                  f"{self.settings.watchdog_grace_s}s grace"}})
+                value = orjson.loads(raw)
+                if isinstance(value, dict):  # a question's timeout (its agent, which enforces it, is gone)
+                    attempt, error = value["attempt"], {"type": "InputTimeout", "retryable": True,
+                                                        "message": "no answer to the task's question in time"}
+                else:
+                    attempt, error = value, {"type": "DeadlineExceeded", "retryable": True,
+                                             "message": "no result within the task's timeout plus "
+                                                        f"{self.settings.watchdog_grace_s}s grace"}
+                overdue = Envelope(type=MessageType.ERROR, source="watchdog", workflow_id=wf_id, task_id=task_id,
+                                   attempt=attempt, payload={"error": error})
                 out.extend(self._apply(tr, overdue))
             return out
 
@@ -689,6 +825,83 @@ class WorkflowStore:
                 self._write_task(tr, wf_id, task)
 
         await self.store.transact(txn)
+
+    # ---- human input -------------------------------------------------------------------------------
+    async def answer(self, wf_id: str, task_id: str, answer: Any) -> tuple[dict, Envelope, str | None, FollowUps]:
+        """Answers the task's pending question: the answer is stored (a later attempt asking it again gets
+        it at once) and the task runs again, its timeout's clock going on from where it stopped. Returns
+        the task's view, the message for the waiting agent and its reply queue, and the follow-ups (the
+        stream's changes). Raises NotFound, NotWaiting or InvalidAnswer."""
+
+        def txn(tr: Transaction):
+            wf, task = self._read_wf(tr, wf_id), self._read_task(tr, wf_id, task_id)
+            question = task.get("input")
+            if task["status"] != "waiting_input" or not question:
+                raise NotWaiting(f"task {task_id!r} is {task['status']}, not waiting for input")
+            problem = tasklog.answer_problem(question.get("schema"), answer)
+            if problem:
+                raise InvalidAnswer(problem)
+            now = time.time()
+            self._clear_deadline(tr, wf_id, task)
+            task["answers"] = {**(task.get("answers") or {}), question["key"]: answer}
+            task.update(status="running", input=None,
+                        waited_s=task.get("waited_s", 0.0) + max(0.0, now - question["asked_at"]))
+            self._set_deadline(tr, wf_id, task)
+            self._write_task(tr, wf_id, task)
+            self._log(tr, wf, {"event": "answer", "task_id": task_id, "attempt": task["attempts"],
+                               "key": question["key"], "answer": answer})
+            reply = _answer_message(question.get("correlation_id"), answer, self.source)
+            return task_view(task), reply, question.get("reply_to"), FollowUps()
+
+        return await self._transact(txn)
+
+    async def requeue_answered(self, wf_id: str, task_id: str) -> FollowUps:
+        """The agent that asked is gone (its reply queue with it): the task runs again as a new attempt,
+        which finds the answer stored and goes on without asking."""
+
+        def txn(tr: Transaction) -> FollowUps:
+            out = FollowUps()
+            wf, task = self._read_wf(tr, wf_id), self._read_task(tr, wf_id, task_id)
+            if task["status"] != "running" or wf["status"] in TERMINAL_WORKFLOW:
+                return out  # it moved on already (its agent answered, or the watchdog took it)
+            self._clear_deadline(tr, wf_id, task)
+            task.update(status="queued", queued_at=time.time(),
+                        reason="the agent that asked was gone when the answer came: queued again")
+            self._write_task(tr, wf_id, task)
+            out.dispatch.append(self._task_message(wf, task, self._inputs(tr, wf_id, task), task["attempts"] + 1))
+            return out
+
+        return await self._commit(txn)
+
+    async def context(self, wf_id: str, task_id: str) -> dict:
+        """What a new attempt of a task starts from: its last checkpoint and the answers it was given."""
+
+        def txn(tr: Transaction) -> dict:
+            task = self._read_task(tr, wf_id, task_id)
+            checkpoint = task.get("checkpoint")
+            return {"checkpoint": checkpoint["state"] if checkpoint else None,
+                    "checkpoint_n": checkpoint["n"] if checkpoint else None, "answers": task.get("answers") or {}}
+
+        return await self.store.read(txn)
+
+    async def log_after(self, wf_id: str, after: int, limit: int = 1000) -> list[dict]:
+        """The entries of the log of the workflow's family (its root's) after seq `after`, in order."""
+
+        def txn(tr: Transaction) -> list[dict]:
+            root = self._read_wf(tr, wf_id).get("root") or wf_id
+            _, end = prefix_range(self.ns, "log", root)
+            rows = tr.get_range(pack(self.ns, "log", root, after + 1), end, limit=limit)
+            return [orjson.loads(v) for _, v in rows]
+
+        return await self.store.read(txn)
+
+    async def children(self, wf_id: str, limit: int = 1000) -> list[str]:
+        """The workflows that tasks of this one delegated to, oldest first."""
+
+        def txn(tr: Transaction) -> list[str]:
+            return [unpack(k)[-1] for k, _ in tr.get_range(*prefix_range(self.ns, "children", wf_id), limit=limit)]
+
+        return await self.store.read(txn)
 
     async def cancel(self, wf_id: str) -> tuple[dict, FollowUps]:
         def txn(tr: Transaction):
@@ -850,6 +1063,18 @@ class WorkflowStore:
                     for wf in wfs]
 
         return await self.store.read(txn)
+
+
+def topic_message(env: Envelope, topic: str) -> Envelope:
+    """An event for the topics exchange, under the id its publisher gave it (subscribers de-duplicate by it)."""
+    return Envelope(type=MessageType.EVENT, subject=topic, message_id=env.message_id, timestamp=env.timestamp,
+                    source=env.source, workflow_id=env.workflow_id, task_id=env.task_id,
+                    payload={"data": env.payload.get("data")})
+
+
+def _answer_message(correlation_id: str | None, answer: Any, source: str) -> Envelope:
+    return Envelope(type=MessageType.EVENT, subject="task.answer", source=source, correlation_id=correlation_id,
+                    payload={"answer": answer})
 
 
 _NOTES = "_switchboard_stream_notes"

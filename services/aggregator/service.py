@@ -5,7 +5,9 @@ is a few commits a second rather than one a result. A message is acked only afte
 and the batch's follow-ups (dependency releases, retries, replies to delegating agents, cancels) were
 confirmed by the broker, so a crash at any point leads to redelivery, which the store recognises.
 Outcomes then feed the circuit breakers; an agent whose breaker opens is told to stand back.
-Each outcome goes in with its broker user (the AMQP user_id RabbitMQ validated): the store refuses one
+Besides outcomes, a running task's reports go in the same way (switchboard.tasklog: streamed text,
+progress, checkpoints, questions, published events), and events are passed on to the topics exchange
+once recorded. Each outcome goes in with its broker user (the AMQP user_id RabbitMQ validated): the store refuses one
 from a user other than the one its attempt belongs to, and its message is dead-lettered as forged.
 """
 
@@ -17,13 +19,13 @@ import logging
 
 import redis
 
-from switchboard import telemetry
+from switchboard import tasklog, telemetry
 from switchboard.breakers import Breakers
 from switchboard.bus import TRANSIENT, Transient
 from switchboard.protocol import Envelope, MessageType
 from switchboard.runtime import Service
 from switchboard.telemetry import Batch
-from switchboard.workflows import Forged, WorkflowStore
+from switchboard.workflows import Forged, WorkflowStore, topic_message
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,12 @@ class Aggregator(Service):
         await self.consume(self.bus.topology.results, self.handle, prefetch=PREFETCH)
 
     async def handle(self, env: Envelope, message) -> None:
-        if env.type not in _OUTCOMES or not env.workflow_id or not env.task_id:
+        if env.type == MessageType.EVENT and env.subject == "event.publish" and not env.task_id:
+            # An agent's event from outside any task: nothing to record, only to pass on.
+            topic = tasklog.check_topic(env.payload.get("topic"))
+            await self.bus.publish_topic(topic_message(env, topic))
+            return
+        if (env.type not in _OUTCOMES and env.subject != "event.publish") or not env.workflow_id or not env.task_id:
             raise ValueError(f"not a task outcome: type={env.type.value} subject={env.subject!r}")
         done = asyncio.get_running_loop().create_future()
         self.pending.append((env, done, len(message.body), message.user_id))
@@ -114,6 +121,9 @@ class Aggregator(Service):
         for i, reason in out.refused:  # the bus dead-letters these: "Forged: <reason>"
             if not batch[i][1].done():
                 batch[i][1].set_exception(Forged(reason))
+        for i, reason in out.deferred:  # the bus requeues these, for after what they must follow
+            if not batch[i][1].done():
+                batch[i][1].set_exception(Transient(reason))
         for _, done, _ in batch:
             if not done.done():
                 done.set_result(None)

@@ -23,11 +23,13 @@ from switchboard.control import message as control_message
 from switchboard.telemetry import HttpRequest
 from switchboard.telemetry.metrics import exposition
 from switchboard.tokens import PERMISSIONS, Principal, Role
-from switchboard.workflows import TERMINAL_WORKFLOW, IdempotencyConflict, NotFound, NotReplayable
+from switchboard.workflows import (TERMINAL_WORKFLOW, IdempotencyConflict, InvalidAnswer, NotFound, NotReplayable,
+                                  NotWaiting)
 
 from services.api.auth import Guard, Refused
 from services.api.console import mount_console
 from services.api.events import EventStream
+from services.api.workflow_events import add_routes as add_workflow_events
 
 if TYPE_CHECKING:
     from services.api.service import Api
@@ -164,8 +166,9 @@ _MEANINGS = {
     400: "The body is not valid JSON.",
     401: "No valid bearer token: send 'Authorization: Bearer <token>'.",
     403: "The token's role may not do this.",
-    404: "No such workflow, dead letter or token (or, for a submitter, not one of its own).",
-    409: "Conflict: the idempotency key was used for a different request, or the dead letter cannot be replayed.",
+    404: "No such workflow, task, dead letter or token (or, for a submitter, not one of its own).",
+    409: "Conflict: the idempotency key was used for a different request, the dead letter cannot be replayed, "
+         "or the task is not waiting for input.",
     413: "The body, or a task's payload, is over the limit.",
     422: "The request does not follow the schema, or the workflow breaks a rule (ids, dependencies, sizes).",
     429: "Over this token's request rate: retry after the Retry-After header's seconds.",
@@ -216,6 +219,12 @@ class ControlRequest(BaseModel):
     model_config = {"extra": "forbid"}
 
     capability: str | None = Field(None, min_length=1, max_length=128)
+
+
+class AnswerRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    answer: Any = Field(description="JSON: what the question's schema asks for, if it has one")
 
 
 class WorkflowBatch(BaseModel):
@@ -340,6 +349,8 @@ def create_app(service: Api) -> FastAPI:
             raise ApiError(404, "workflow_not_found", f"no workflow {workflow_id!r}")
         return view
 
+    add_workflow_events(app, service, allow, visible)
+
     def opened(view: dict) -> dict:
         """The view with its results opened, for a reader allowed to see it. A value sealed with a key this
         api lacks stays sealed: it names its key."""
@@ -387,6 +398,28 @@ def create_app(service: Api) -> FastAPI:
             raise ApiError(404, "workflow_not_found", str(exc)) from exc
         await out.publish(service.bus)
         return opened(view)
+
+    @app.post("/v1/workflows/{workflow_id}/tasks/{task_id}/input", responses=answers(400, 401, 403, 404, 409, 413, 422, 429))
+    async def answer_task(request: Request, workflow_id: str, task_id: str, body: AnswerRequest,
+                          who: Principal = Depends(allow("workflows.answer", own="workflows.answer_own",
+                                                         action="task.input"))):
+        """Answers a task's question (status waiting_input; `input` in its view holds the question). The
+        answer must match the question's JSON schema, if it has one. The task goes on at once."""
+        if request.state.only_own:
+            await visible(request, who, workflow_id)
+        try:
+            task, reply, reply_to, out = await service.workflows.answer(workflow_id, task_id, body.answer)
+        except NotFound as exc:
+            raise ApiError(404, "task_not_found", str(exc)) from exc
+        except NotWaiting as exc:
+            raise ApiError(409, "not_waiting", str(exc)) from exc
+        except InvalidAnswer as exc:
+            raise ApiError(422, "invalid_answer", str(exc)) from exc
+        await out.publish(service.bus)
+        if not reply_to or not await service.bus.publish(reply, reply_to):
+            # The agent that asked is gone: the task runs again, and finds the answer stored.
+            await (await service.workflows.requeue_answered(workflow_id, task_id)).publish(service.bus, service.routes)
+        return task
 
     @app.get("/v1/agents", dependencies=[Depends(allow("read"))], responses=answers(401, 403, 429))
     async def list_agents():
@@ -513,8 +546,9 @@ def create_app(service: Api) -> FastAPI:
     @app.get("/v1/events", response_class=Response, responses={
         **answers(401, 403, 422, 429),
         200: {"description": "A server-sent-events stream that lasts until the client disconnects (or, "
-                             "falling too far behind, is cut off): `event:` task, workflow, agents, dlq or "
-                             "control; `data:` the change as JSON; a comment line every 15 s.",
+                             "falling too far behind, is cut off): `event:` task, workflow, progress, input, "
+                             "answer, published, child, agents, dlq or control (streamed text only in a "
+                             "workflow's own stream); `data:` the change as JSON; a comment line every 15 s.",
               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
         503: {"model": ErrorBody, "description": "This api has too many streams open, or is stopping."}})
     async def events(

@@ -5,9 +5,12 @@ out to its connected clients. Each client has a bounded queue: one that falls CL
 (it stopped reading, so its socket and then its queue filled up) is cut off, and a browser's EventSource
 reconnects by itself. Nothing is buffered without limit, and a slow client never slows the others.
 
-The wire format: `id:` (increasing within this api process), `event:` (task, workflow, agents, dlq or
-control), `data:` (the change as JSON); a comment line every HEARTBEAT_S keeps proxies from closing an
-idle stream.
+Two kinds of client share the hub. A plain one (this stream) gets rendered frames: `id:` (increasing
+within this api process), `event:` (the change's kind), `data:` (the change as JSON); a comment line
+every HEARTBEAT_S keeps proxies from closing an idle stream. It never gets "chunk" changes: a task that
+streams tokens makes hundreds a second, which would flood every console watching the platform; they are
+for the one workflow's stream. A raw client (services.api.workflow_events) gets the change dicts
+themselves, chunks included, and renders them its own way.
 """
 
 from __future__ import annotations
@@ -29,35 +32,56 @@ CLIENT_QUEUE = 1000
 HEARTBEAT_S = 15.0
 MAX_CLIENTS = 1000
 KNOWN_CHILDREN = 1000  # child workflows a filtered client remembers (the newest)
-EVENTS = ("task", "workflow", "agents", "dlq", "control")
+# Live-only changes (no seq) and the entries of a workflow family's log (with seq: workflows.log_after).
+EVENTS = ("task", "workflow", "agents", "dlq", "control", "progress", "chunk", "input", "answer", "published",
+          "child")
+WORKFLOW_EVENTS = frozenset(EVENTS) - {"agents", "dlq", "control"}  # those that name a workflow_id
+NOT_PLAIN = frozenset({"chunk"})  # too many for the platform-wide stream (see the docstring)
 
 
 class Client:
-    """One connected stream. With a workflow id, only that workflow's events and its children's: a
-    child is recognised by its workflow event, whose parent is the workflow or one of its children."""
+    """One connected stream. With a workflow id, only that workflow's events and its children's: a child
+    is recognised by its workflow change, whose parent is in the family, or by a "child" entry of a
+    workflow in the family. A raw client gets change dicts; with `root`, every entry of that root's log
+    too, whichever workflow of it wrote the entry (its stream needs every seq to see what it missed)."""
 
-    def __init__(self, workflow_id: str | None, size: int):
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=size)
-        self.workflow_id = workflow_id
+    def __init__(self, workflow_id: str | None, size: int, *, raw: bool = False, root: str | None = None):
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=size)
+        self.workflow_id, self.raw, self.root = workflow_id, raw, root
         self.family: OrderedDict[str, None] = OrderedDict({workflow_id: None} if workflow_id else {})
         self.cut = asyncio.Event()
 
+    def adopt(self, wf_id: str) -> None:
+        """wf_id is a child of the family from now on (the newest KNOWN_CHILDREN are remembered)."""
+        if not isinstance(wf_id, str) or wf_id in self.family:
+            return
+        self.family[wf_id] = None
+        if len(self.family) > KNOWN_CHILDREN + 1:
+            self.family.popitem(last=False)
+            self.family[self.workflow_id] = None  # the workflow itself is never forgotten
+            self.family.move_to_end(self.workflow_id, last=False)
+
     def wants(self, change: dict) -> bool:
+        kind = change.get("event")
+        if not self.raw and kind in NOT_PLAIN:
+            return False
         if self.workflow_id is None:
             return True
+        if kind not in WORKFLOW_EVENTS:
+            return False
         wf_id = change.get("workflow_id")
-        if change.get("event") == "workflow" and (change.get("parent") or {}).get("workflow_id") in self.family:
-            self.family[wf_id] = None
-            if len(self.family) > KNOWN_CHILDREN + 1:
-                self.family.popitem(last=False)
-                self.family[self.workflow_id] = None  # the workflow itself is never forgotten
-                self.family.move_to_end(self.workflow_id, last=False)
-        return change.get("event") in ("task", "workflow") and wf_id in self.family
+        if kind == "workflow" and (change.get("parent") or {}).get("workflow_id") in self.family:
+            self.adopt(wf_id)
+        elif kind == "child" and wf_id in self.family:
+            self.adopt(change.get("child_workflow_id"))
+        if self.root is not None and "seq" in change and change.get("root") == self.root:
+            return True
+        return wf_id in self.family
 
-    def offer(self, frame: bytes) -> bool:
+    def offer(self, item) -> bool:
         """False when the client is too far behind: it is cut off."""
         try:
-            self.queue.put_nowait(frame)
+            self.queue.put_nowait(item)
             return True
         except asyncio.QueueFull:
             self.cut.set()
@@ -103,18 +127,23 @@ class EventHub:
             if not isinstance(change, dict) or change.get("event") not in EVENTS:
                 continue
             self.sequence += 1
-            frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.sequence, change["event"].encode(), orjson.dumps(change))
+            frame = None  # rendered once, for every plain client that wants it
             for client in list(self.clients):
-                if client.wants(change) and not client.offer(frame):
+                if not client.wants(change):
+                    continue
+                if not client.raw and frame is None:
+                    frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.sequence, change["event"].encode(),
+                                                                 orjson.dumps(change))
+                if not client.offer(change if client.raw else frame):
                     self.clients.discard(client)
                     self.cut_off += 1
                     log.warning("event stream client cut off: %d events behind", self.client_queue)
                     telemetry.emit("events.client_cut_off")
 
-    def subscribe(self, workflow_id: str | None = None) -> Client | None:
+    def subscribe(self, workflow_id: str | None = None, *, raw: bool = False, root: str | None = None) -> Client | None:
         if self.closed or len(self.clients) >= MAX_CLIENTS:
             return None
-        client = Client(workflow_id, self.client_queue)
+        client = Client(workflow_id, self.client_queue, raw=raw, root=root)
         self.clients.add(client)
         return client
 

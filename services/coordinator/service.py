@@ -25,10 +25,10 @@ from switchboard.bus import Transient
 from switchboard.control import Controls
 from switchboard.control import message as control_message
 from switchboard.deps import DependencyGraph
-from switchboard.protocol import Envelope, InvalidSpec, WorkflowSpec, validate_workflow
+from switchboard.protocol import Envelope, InvalidSpec, MessageType, WorkflowSpec, validate_workflow
 from switchboard.runtime import Service
 from switchboard.telemetry import Batch, Cause
-from switchboard.workflows import FollowUps, WorkflowStore
+from switchboard.workflows import FollowUps, NotFound, WorkflowStore
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,14 @@ class Coordinator(Service):
             causes = [Cause(wf_id, task_id, *rest[:1]) for wf_id, task_id, *rest in env.payload["tasks"]]
             await telemetry.batching(Batch("release", causes), functools.partial(
                 self._release, causes, check_store=message.redelivered))
+        elif env.subject == "task.context" and env.reply_to:
+            # A new attempt (a retry, or a redelivery after its agent died) asks where to start from.
+            try:
+                context = await self.workflows.context(env.workflow_id or "", env.task_id or "")
+            except NotFound:
+                context = {"checkpoint": None, "answers": {}}
+            await self.bus.publish(Envelope(type=MessageType.EVENT, subject="task.context", source=self.name,
+                                            correlation_id=env.correlation_id, payload=context), env.reply_to)
         elif env.subject == "control.query" and env.reply_to:
             reply = control_message(await self.controls.get(), self.name)
             reply.correlation_id = env.correlation_id
@@ -108,9 +116,10 @@ class Coordinator(Service):
                               max_tasks=self.settings.max_tasks_per_workflow)
         except InvalidSpec as exc:
             raise ValueError(f"invalid child workflow: {exc}") from exc
-        wf_id = await self.workflows.create_child(
+        wf_id, out = await self.workflows.create_child(
             spec, env.payload["idempotency_key"], env.payload.get("parent"), env.reply_to, env.correlation_id
         )
+        await out.publish(self.bus)
         await self.take_in([wf_id], redelivered=True)  # a known child may be re-asked for: answer again
 
     async def _release(self, causes: list[Cause], *, check_store: bool) -> None:
