@@ -169,3 +169,37 @@ async def test_a_reader_sees_no_buttons_it_may_not_use(platform, page):
     await expect(page.get_by_test_id("control-state")).to_be_visible()
     await expect(page.get_by_test_id("control-stop-all")).to_have_count(0)
     await platform.client.post(f"/v1/workflows/{wf_id}/cancel")  # so that stopping its agent need not wait
+
+
+async def test_streamed_text_and_a_question_appear_and_answering_it_finishes_the_workflow(platform, page):
+    agent = Agent("drafting-agent", settings=platform.settings)
+
+    @agent.handler("draft")
+    async def draft(task):
+        for word in ("Once ", "upon ", "a ", "time."):
+            await task.stream(word)
+        await task.progress(message="drafted", percent=60)
+        answer = await task.ask("Publish the draft?", schema={"type": "string", "enum": ["yes", "no"]})
+        await task.publish("draft.reviewed", {"answer": answer})
+        return {"published": answer == "yes"}
+
+    await platform.add_agent(agent)
+    wf_id = await platform.submit({"name": "console-draft", "tasks": [{"id": "draft", "capability": "draft"}]})
+    await page.goto(f"http://127.0.0.1:{platform.settings.api_port}/ui/#/workflows/{wf_id}")
+    question = page.get_by_test_id("question")
+    await expect(question.get_by_test_id("question-text")).to_have_text("Publish the draft?")
+    await expect(node(page, "draft")).to_have_attribute("data-status", "waiting_input")
+    await node(page, "draft").click()
+    await expect(page.get_by_test_id("task-stream")).to_have_text("Once upon a time.")
+    await expect(page.get_by_test_id("task-progress")).to_contain_text("60% drafted")
+    await question.get_by_test_id("answer-input").fill("maybe")
+    await question.get_by_test_id("answer-submit").click()
+    await expect(question.get_by_test_id("answer-error")).to_contain_text("'maybe' is not one of")  # the 422's message
+    await page.screenshot(path=str(SHOTS / "workflow-question.png"), full_page=True)
+    await question.get_by_test_id("answer-input").fill("yes")
+    await question.get_by_test_id("answer-submit").click()
+    await expect(question).to_have_count(0)
+    await expect(page.get_by_test_id("detail-status")).to_have_text("succeeded")
+    await expect(node(page, "draft")).to_have_attribute("data-status", "succeeded")
+    await expect(page.get_by_test_id("published-event")).to_contain_text("draft.reviewed")
+    await expect(page.get_by_test_id("task-detail")).to_contain_text('"published": true')  # its result, read whole

@@ -62,3 +62,19 @@ export function follow(onEvent, onState) {
   open();
   return () => { stopPolling(); source?.close(); };
 }
+
+// One workflow's stream (/v1/workflows/{id}/events): `handlers` by event name (snapshot, task, workflow,
+// progress, chunk, input, answer, published, child, end), each given the change and the event's id.
+// The browser reconnects by itself with Last-Event-ID, so nothing is missed or repeated; `after` resumes
+// a new EventSource (one opened after the stream ended or was refused) where the last one stopped.
+export const WORKFLOW_EVENTS = ["snapshot", "task", "workflow", "progress", "chunk", "input", "answer", "published", "child", "end"];
+
+export function followWorkflow(id, after, handlers, onClosed) {
+  const params = { access_token: token(), last_event_id: after || undefined };
+  const source = new EventSource(`/v1/workflows/${encodeURIComponent(id)}/events${query(params)}`);
+  source.onerror = () => { if (source.readyState === EventSource.CLOSED) onClosed(); };  // refused (404, 503)
+  for (const name of WORKFLOW_EVENTS) {
+    source.addEventListener(name, (message) => handlers[name]?.(JSON.parse(message.data), Number(message.lastEventId) || 0));
+  }
+  return source;
+}

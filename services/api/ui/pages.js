@@ -1,7 +1,7 @@
 // The console's pages. Each is page(view, ctx, arg) → {onEvent(event), leave()}; the shell routes to them
 // and hands them every stream event (or {event: "poll"} while the stream is down: then they reload).
 
-import { api, query } from "./api.js";
+import { api, followWorkflow, query } from "./api.js";
 import { drawDag, setStatus } from "./dag.js";
 import { ago, badge, confirmDialog, flash, h, json, time } from "./util.js";
 
@@ -57,14 +57,29 @@ function workflows(view, ctx) {
 }
 
 // ---- Workflow detail ------------------------------------------------------------------------------
+// Follows the workflow's own stream (/v1/workflows/{id}/events), which also carries its children's
+// questions and events: the DAG recolours, the selected task shows its progress and streamed text, and
+// pending questions (of the whole family) can be answered here.
+const MAX_PUBLISHED = 100;  // published events shown, the newest
+const MAX_TEXT = 400_000;  // characters of a task's streamed text kept on the page
+
 function workflow(view, ctx, id) {
-  let wf = null, svg = null, selected = null;
+  let wf = null, svg = null, selected = null, source = null, lastId = 0, ended = false, retry = null;
   const seen = new Map();  // task id → `at` of the newest change applied
+  const outputs = new Map();  // task id → {attempt, text, length}: its attempt's streamed text so far
+  const progress = new Map();  // task id → the newest progress of its newest attempt
+  const questions = new Map();  // "workflow/task" → the pending question
+  const children = new Map();  // child workflow id → {workflow_id, name, status}
+  const published = [];
   const head = h("div", { class: "head" });
   const dagBox = h("div", { class: "dag-box" });
   const detail = h("div", { class: "task-detail", testid: "task-detail" }, h("p", { class: "muted" }, "Select a task."));
   const family = h("div", { class: "family", testid: "family" });
-  view.append(head, family, h("div", { class: "split" }, dagBox, detail));
+  const asking = h("div", { class: "questions", testid: "questions" });
+  const events = h("div", { class: "published", testid: "published" });
+  let streamPre = null, progressBox = null;  // the selected task's, updated in place as events come
+  view.append(head, family, asking, h("div", { class: "split" }, dagBox, detail), events);
+  const canAnswer = ctx.may("workflows.answer") || ctx.may("workflows.answer_own");
 
   function renderHead() {
     const canCancel = (ctx.may("workflows.cancel") || ctx.may("workflows.cancel_own")) && !TERMINAL.has(wf.status);
@@ -75,28 +90,76 @@ function workflow(view, ctx, id) {
         canCancel ? h("button", { class: "danger", testid: "cancel-workflow", onclick: cancel }, "Cancel workflow") : ""),
       wf.error ? h("p", { class: "error", testid: "workflow-error" }, wf.error) : "");
   }
-  async function renderFamily() {
-    const children = (await api("/v1/workflows?limit=500")).workflows.filter((w) => w.parent?.workflow_id === id);
+  function renderFamily() {
+    const kids = [...children.values()];
     family.replaceChildren(
-      wf.parent?.workflow_id ? h("span", {}, "Parent: ", h("a", { href: `#/workflows/${wf.parent.workflow_id}`, testid: "parent-link" }, wf.parent.workflow_id), " ") : "",
-      children.length ? h("span", {}, "Children: ", children.map((c) => [h("a", { href: `#/workflows/${c.workflow_id}`, testid: "child-link" }, c.name || c.workflow_id), " ", badge(c.status), " "])) : "");
+      wf?.parent?.workflow_id ? h("span", {}, "Parent: ", h("a", { href: `#/workflows/${wf.parent.workflow_id}`, testid: "parent-link" }, wf.parent.workflow_id), " ") : "",
+      kids.length ? h("span", {}, "Children: ", kids.map((c) => [h("a", { href: `#/workflows/${c.workflow_id}`, testid: "child-link" }, c.name || c.workflow_id), " ", badge(c.status), " "])) : "");
+  }
+  function renderProgress(t) {
+    const p = progress.get(t.id);
+    progressBox.replaceChildren(...(p ? [
+      p.percent != null ? h("progress", { max: 100, value: p.percent }) : "",
+      ` ${p.percent != null ? `${p.percent}% ` : ""}${p.message || ""}`] : ["–"]));
   }
   function renderTask() {
     const t = wf?.tasks.find((x) => x.id === selected);
     if (!t) return;
     const row = (k, v) => h("tr", {}, h("th", {}, k), h("td", {}, v));
+    const out = outputs.get(t.id);
+    progressBox = h("span", { testid: "task-progress" });
+    streamPre = h("pre", { class: "stream", testid: "task-stream" }, out?.text || "");
+    renderProgress(t);
     detail.replaceChildren(
       h("h2", {}, "Task ", h("code", {}, t.id)),
       h("table", { class: "kv" },
         row("status", badge(t.status, "task-status")), row("capability", t.capability),
         row("attempts", h("span", { testid: "task-attempts" }, `${t.attempts}${t.max_attempts ? ` of ${t.max_attempts}` : ""}`)),
         row("agent", t.ran_on || "–"), row("queued", time(t.queued_at)), row("started", time(t.started_at)),
-        row("finished", time(t.finished_at)), t.reason ? row("reason", t.reason) : "",
-        t.progress ? row("progress", h("span", { testid: "task-progress" },
-          [t.progress.percent != null ? `${t.progress.percent}% ` : "", t.progress.message || ""])) : ""),
+        row("finished", time(t.finished_at)), t.reason ? row("reason", t.reason) : "", row("progress", progressBox)),
       t.error ? h("div", { testid: "task-error", class: "error" }, `${t.error.type}: ${t.error.message}`) : "",
       (t.errors || []).length > 1 ? h("details", {}, h("summary", {}, `all errors (${t.errors.length})`), json(t.errors)) : "",
+      out ? h("div", {}, h("h3", {}, `output (attempt ${out.attempt})`), streamPre) : "",
       t.result !== null && t.result !== undefined ? h("div", {}, h("h3", {}, "result"), json(t.result)) : "");
+  }
+  // Each question's form is made once and kept while the question is pending: what a person is typing
+  // survives the events that come meanwhile.
+  const forms = new Map();  // "workflow/task" → its element
+  function questionForm(key, q) {
+    const [wfId, taskId] = key.split("/");
+    const input = h("textarea", { rows: 2, testid: "answer-input", placeholder: "your answer" });
+    // A string answer is sent as typed; with a schema for anything else, what is typed is JSON.
+    const asJson = h("input", { type: "checkbox", testid: "answer-json", checked: !!q.schema && q.schema.type !== "string" });
+    const error = h("p", { class: "error", testid: "answer-error" });
+    const submit = async (ev) => {
+      ev.preventDefault();
+      let answer = input.value;
+      try { if (asJson.checked) answer = JSON.parse(answer); } catch { error.textContent = "That is not JSON."; return; }
+      try {
+        await api(`/v1/workflows/${encodeURIComponent(wfId)}/tasks/${encodeURIComponent(taskId)}/input`, { method: "POST", body: { answer } });
+        questions.delete(key);
+        renderQuestions();
+      } catch (e) { error.textContent = e.message; }
+    };
+    return h("div", { class: "question", testid: "question", dataset: { workflow: wfId, task: taskId, key: q.key } },
+      h("p", {}, h("strong", {}, "Question"), ` from task ${taskId}${wfId === id ? "" : ` of workflow ${wfId}`}: `,
+        h("span", { testid: "question-text" }, q.question)),
+      q.schema ? h("details", {}, h("summary", {}, "expected answer"), json(q.schema)) : "",
+      canAnswer ? h("form", { onsubmit: submit }, input, h("label", {}, asJson, " JSON"), " ",
+                    h("button", { type: "submit", testid: "answer-submit" }, "Answer"), error) : "");
+  }
+  function renderQuestions() {
+    for (const [key, q] of questions) {
+      if (forms.get(key)?.dataset.key !== String(q.key)) forms.set(key, questionForm(key, q));
+    }
+    for (const key of [...forms.keys()]) if (!questions.has(key)) forms.delete(key);
+    asking.replaceChildren(...forms.values());
+  }
+  function renderPublished() {
+    events.replaceChildren(...(published.length ? [h("h2", {}, "Published events"), h("table", { testid: "published-list" },
+      h("tbody", {}, published.map((e) => h("tr", { testid: "published-event" }, h("td", {}, time(e.at)),
+        h("td", {}, e.workflow_id === id ? e.task_id : `${e.workflow_id}/${e.task_id}`), h("td", {}, h("code", {}, e.topic)),
+        h("td", {}, e.truncated ? h("span", { class: "muted" }, "(not retained)") : JSON.stringify(e.data))))))] : []));
   }
   function select(taskId) {
     selected = taskId;
@@ -109,9 +172,9 @@ function workflow(view, ctx, id) {
     svg = drawDag(wf.tasks, select);
     dagBox.replaceChildren(svg);
     renderHead();
-    if (!selected) selected = (wf.tasks.find((t) => t.error) || {}).id ?? null;
+    renderFamily();
+    if (!selected) selected = (wf.tasks.find((t) => t.error || t.input) || {}).id ?? null;
     if (selected) select(selected);
-    renderFamily().catch(() => {});
   }
   async function cancel() {
     if (!await confirmDialog(`Cancel workflow ${id}? Its unfinished tasks are cancelled.`)) return;
@@ -119,28 +182,109 @@ function workflow(view, ctx, id) {
     catch (e) { flash(view, e.message); }
   }
   const reload = debounced(() => load().catch((e) => flash(view, e.message)), 400);
-  load().catch((e) => { view.replaceChildren(h("p", { class: "error", testid: "detail-error" }, e.message)); });
+
+  // The attempt's text so far. A chunk carries its offset (in characters), so what a reconnect's overlap
+  // repeats is not shown twice; text past the log's limit came back without its text, and is marked.
+  function output(taskId, attempt) {
+    const out = outputs.get(taskId);
+    if (out && out.attempt >= attempt) return out.attempt === attempt ? out : null;
+    const fresh = { attempt, text: "", length: 0, gap: false };  // a new attempt streams from the start
+    outputs.set(taskId, fresh);
+    if (taskId === selected) renderTask();
+    return fresh;
+  }
+  function show(taskId, out, text) {
+    out.text += text;
+    if (out.text.length > MAX_TEXT) out.text = out.text.slice(-MAX_TEXT / 2);  // the tail is what matters
+    if (taskId !== selected || !streamPre) return;
+    if (out.text.length < streamPre.textContent.length) streamPre.textContent = out.text;
+    else streamPre.append(text);
+  }
+  function chunk(e) {
+    const out = output(e.task_id, e.attempt);
+    if (!out) return;  // an earlier attempt's
+    const missing = "\n[… output not retained …]\n";
+    if (typeof e.text !== "string") {
+      if (!out.gap) show(e.task_id, out, missing);
+      out.gap = true;
+      return;
+    }
+    const chars = Array.from(e.text);
+    const text = e.offset >= out.length ? (e.offset > out.length && !out.gap ? missing : "") + e.text
+                                        : chars.slice(out.length - e.offset).join("");
+    out.gap = false;
+    out.length = Math.max(out.length, e.offset + chars.length);
+    if (text) show(e.task_id, out, text);
+  }
+  function taskChange(e) {
+    if (!wf || (seen.get(e.task_id) || 0) > e.at) return;  // older than what is shown
+    seen.set(e.task_id, e.at);
+    const t = wf.tasks.find((x) => x.id === e.task_id);
+    if (!t) return;
+    Object.assign(t, { status: e.status, attempts: e.attempt, ran_on: e.ran_on, reason: e.reason,
+                       queued_at: e.queued_at, started_at: e.started_at, finished_at: e.finished_at },
+                  e.error ? { error: e.error } : {});
+    if (e.attempt && outputs.has(t.id)) output(t.id, e.attempt);
+    if (TERMINAL.has(e.status) && questions.delete(`${id}/${t.id}`)) renderQuestions();
+    setStatus(svg, t);
+    if (t.id === selected) renderTask();
+    if (e.status === "succeeded" && t.id === selected) reload();  // its result is not in the event
+  }
+  function adoptViews(snapshot) {
+    for (const v of [snapshot.workflow, ...snapshot.children]) {
+      if (v.parent?.workflow_id === id) children.set(v.workflow_id, { workflow_id: v.workflow_id, name: v.name, status: v.status });
+      for (const t of v.tasks) {
+        const key = `${v.workflow_id}/${t.id}`;
+        if (t.input) questions.set(key, t.input); else questions.delete(key);
+        if (v.workflow_id === id && t.progress) progress.set(t.id, t.progress);
+      }
+    }
+  }
+  const handlers = {
+    snapshot(s) { adoptViews(s); renderQuestions(); reload(); },
+    task(e) {
+      if (e.workflow_id === id) taskChange(e);
+      else if (TERMINAL.has(e.status) && questions.delete(`${e.workflow_id}/${e.task_id}`)) renderQuestions();
+    },
+    workflow(e) {
+      if (e.workflow_id === id) return reload();  // status, error and result: read them whole
+      if (children.has(e.workflow_id)) { Object.assign(children.get(e.workflow_id), { status: e.status }); renderFamily(); }
+    },
+    progress(e) {
+      if (e.workflow_id !== id || (progress.get(e.task_id)?.attempt || 0) > e.attempt) return;
+      progress.set(e.task_id, e.progress);
+      const t = wf?.tasks.find((x) => x.id === e.task_id);
+      if (t && t.id === selected && progressBox) renderProgress(t);
+    },
+    chunk(e) { if (e.workflow_id === id) chunk(e); },
+    input(e) { questions.set(`${e.workflow_id}/${e.task_id}`, e); renderQuestions(); },
+    answer(e) { if (questions.delete(`${e.workflow_id}/${e.task_id}`)) renderQuestions(); },
+    published(e) { published.push(e); published.splice(0, published.length - MAX_PUBLISHED); renderPublished(); },
+    child(e) {
+      if (e.workflow_id !== id) return;
+      children.set(e.child_workflow_id, { workflow_id: e.child_workflow_id, name: e.name, status: "pending" });
+      renderFamily();
+    },
+    end() { ended = true; source.close(); reload(); },
+  };
+  for (const [name, fn] of Object.entries(handlers)) {
+    handlers[name] = (data, eventId) => { lastId = Math.max(lastId, eventId); fn(data); };
+  }
+  function open() {
+    ended = false;
+    source = followWorkflow(id, lastId, handlers, () => {  // refused: the REST view, and try again later
+      reload();
+      retry = setTimeout(open, 5000);
+    });
+  }
+  load().then(open).catch((e) => { view.replaceChildren(h("p", { class: "error", testid: "detail-error" }, e.message)); });
   return {
     onEvent(e) {
       if (e.event === "poll") return reload();
-      if (!wf) return;
-      if (e.event === "task" && e.workflow_id === id) {
-        if ((seen.get(e.task_id) || 0) > e.at) return;  // older than what is shown
-        seen.set(e.task_id, e.at);
-        const t = wf.tasks.find((x) => x.id === e.task_id);
-        if (!t) return;
-        Object.assign(t, { status: e.status, attempts: e.attempt, ran_on: e.ran_on, reason: e.reason,
-                           queued_at: e.queued_at, started_at: e.started_at, finished_at: e.finished_at },
-                      e.error ? { error: e.error } : {});
-        setStatus(svg, t);
-        if (t.id === selected) renderTask();
-        if (e.status === "succeeded" && t.id === selected) reload();  // its result is not in the event
-      } else if (e.event === "workflow" && e.workflow_id === id) {
-        reload();  // status, error and result: read them whole
-      } else if (e.event === "workflow" && e.parent?.workflow_id === id) {
-        renderFamily().catch(() => {});
-      }
+      // A finished workflow may run again (its dead letter replayed): then follow it again.
+      if (ended && e.event === "workflow" && e.workflow_id === id && !TERMINAL.has(e.status)) open();
     },
+    leave() { clearTimeout(retry); source?.close(); },
   };
 }
 
