@@ -1,17 +1,22 @@
 """Switchboard benchmark, with Celery 5 as the baseline, on the local RabbitMQ and Redis (`make bench`).
 
-    python bench/run.py [--noop N] [--workflows N] [--latency-tasks N] [--skip-celery]
+    python bench/run.py [--noop N] [--workflows N] [--latency-tasks N] [--stream-chunks N] [--skip-celery]
                         [--agent-concurrency C] [--batch B] [--parallel P] [--uvloop]
 
-Starts the six services and the bench agent (bench/noop_agent.py) as separate processes, in a namespace,
-SQLite store and ports of their own, then measures, through the public REST API:
+Starts the six services and the bench agents (bench/noop_agent.py, and bench/stream_agent.py for the
+streaming workload) as separate processes, in a namespace, SQLite store and ports of their own, then
+measures, through the public REST API:
 
   1. no-op      N one-task workflows (capability "noop"), submitted via POST /v1/workflows/batch;
                 tasks/s = N / (when the last workflow finished, per the store - the first submit)
   2. DAG        N workflows a -> (b1..b4) -> c, submitted the same way; tasks/s and workflows/s
   3. latency    M "stamp" tasks, one POST /v1/tasks each, at a steady 200/s (open loop, on a schedule);
                 submit-to-start = the handler's time.time() - the client's time.time() before the request
-  4. memory     peak RSS of every process (VmRSS sampled every 100 ms, and the kernel's VmHWM)
+  4. streaming  one task calls task.stream() N times at a steady 1,000/s, each chunk "<i>,<send time>;";
+                a reader of GET /v1/workflows/{id}/events (SSE) notes when each chunk arrives. The SDK
+                coalesces chunks, so one `chunk` event carries several: each is timed by its own send
+                time. chunks/s received, and send-to-reader latency p50/p95/p99/max (Switchboard only)
+  5. memory     peak RSS of every process (VmRSS sampled every 100 ms, and the kernel's VmHWM)
 
 and the CPU seconds every process (and the local RabbitMQ and Redis) spent on each workload. The bench
 sees work finish on the aggregator's counter switchboard_tasks_finished_total{outcome="succeeded"} (its
@@ -49,8 +54,10 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 SERVICES = ("api", "coordinator", "dispatcher", "registry", "aggregator", "dlq_replayer")
 AGENT = "bench-agent"
-CAPABILITIES = ("noop", "stamp")
+STREAM_AGENT = "bench-stream-agent"
+CAPABILITIES = ("noop", "stamp", "stream")
 LATENCY_RATE = 200.0
+STREAM_RATE = 1000.0
 SAMPLE = 50
 RESULTS_JSON = BENCH / "results.json"
 
@@ -59,6 +66,7 @@ TARGET_RATIO = 1.0
 TARGET_P50_MS = 5.0
 TARGET_P99_MS = 25.0
 TARGET_RSS_MB = 150.0
+TARGET_STREAM_P99_MS = 50.0
 
 _RESULT_LINE = re.compile(r'^switchboard_tasks_finished_total\{capability="[^"]*",outcome="(\w+)"\}\s+(\S+)$',
                           re.MULTILINE)
@@ -192,7 +200,7 @@ class RssSampler(threading.Thread):
 # ---------------------------------------------------------------------------------------------------
 class Platform:
     def __init__(self, *, amqp_url: str, redis_url: str, agent_concurrency: int, log_level: str,
-                 uvloop: bool = False):
+                 uvloop: bool = False, stream: bool = False):
         self.amqp_url, self.redis_url = amqp_url, redis_url
         self.namespace = f"bench{os.getpid()}"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"sb-{self.namespace}-"))
@@ -200,6 +208,8 @@ class Platform:
         self.api_port = free_port()
         self.health_ports = {name: free_port() for name in SERVICES if name != "api"}
         self.health_ports["agent"] = free_port()
+        if stream:  # its own process, so that its steady sends do not share a loop with the no-op work
+            self.health_ports["stream-agent"] = free_port()
         self.agent_concurrency = agent_concurrency
         self.log_level = log_level
         self.uvloop = uvloop
@@ -235,6 +245,8 @@ class Platform:
                       "from switchboard.cli import main; sys.exit(main(['serve', sys.argv[1]]))")
             commands = {name: [sys.executable, "-c", script, name] for name in SERVICES}
         commands["agent"] = [sys.executable, str(BENCH / "noop_agent.py")]
+        if "stream-agent" in self.health_ports:
+            commands["stream-agent"] = [sys.executable, str(BENCH / "stream_agent.py")]
         for name, cmd in commands.items():
             out = open(self.tmp / f"{name}.log", "wb")  # noqa: SIM115 (open while the process runs)
             self._logs.append(out)
@@ -275,12 +287,13 @@ class Platform:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"not ready after {timeout:.0f}s: {sorted(waiting)}")
             await asyncio.sleep(0.05)
-        while True:  # and the agent registered, as the api sees it
+        wanted = {AGENT} | ({STREAM_AGENT} if "stream-agent" in self.procs else set())
+        while True:  # and the agents registered, as the api sees them
             agents = (await client.get(self.api_url + "/v1/agents")).json()["agents"]
-            if any(a["name"] == AGENT and a["status"] == "alive" for a in agents):
+            if wanted <= {a["name"] for a in agents if a["status"] == "alive"}:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"agent {AGENT} not registered after {timeout:.0f}s: {agents}")
+                raise RuntimeError(f"agents {sorted(wanted)} not registered after {timeout:.0f}s: {agents}")
             self.check_alive()
             await asyncio.sleep(0.05)
 
@@ -310,7 +323,7 @@ class Platform:
 
         topology = Topology(self.namespace)
         # tests.harness.cleanup deletes the services' own queues; these are the rest (delay queues expire).
-        queues = {topology.agent_queue(AGENT), topology.replay}
+        queues = {topology.agent_queue(AGENT), topology.agent_queue(STREAM_AGENT), topology.replay}
         for capability in CAPABILITIES:
             queues |= {topology.capability_queue(capability), topology.hold_queue(capability),
                        topology.paused_queue(capability)}
@@ -621,6 +634,137 @@ def percentiles(values: list[float]) -> tuple[float, float]:
     return round(statistics.median(values), 2), round(q[98], 2)
 
 
+_STREAMED = re.compile(r"(\d+),(\d+\.\d+);")
+
+
+class StreamReader:
+    """Reads GET /v1/workflows/{id}/events and times every streamed chunk on arrival.
+
+    Each `chunk` event's text is appended to its (task, attempt)'s text at the event's offset (so a chunk
+    split across two events is timed when its end arrives, and a repeated event counts once); every
+    complete "<i>,<send time>;" in it is timed by time.time() when that event's data line arrived. Where
+    the event says when its log entry was written (`at`, by the process that recorded it), the latency is
+    split there too: send -> recorded (agent, broker, aggregator) and recorded -> reader (commit, publish,
+    api, SSE).
+    """
+
+    def __init__(self, client: httpx.AsyncClient, workflow_id: str):
+        self.client, self.workflow_id = client, workflow_id
+        self.latency_ms: dict[int, float] = {}  # chunk number -> send-to-reader ms (the first arrival)
+        self.stages_ms: dict[str, list[float]] = {"recorded": [], "delivered": []}
+        self.received: list[float] = []  # arrival time of each chunk, in order
+        self.events = 0  # `chunk` events, each carrying one or more chunks
+        self.gaps = 0  # events whose offset skipped text (the reader would have missed chunks)
+        self.duplicates = 0  # chunk numbers that arrived twice
+        self.snapshot_at: float | None = None
+        self.ended = False
+        self._text: dict[tuple[str, int], str] = {}
+        self._parsed: dict[tuple[str, int], int] = {}
+
+    async def run(self, opened: asyncio.Event) -> None:
+        url = f"/v1/workflows/{self.workflow_id}/events"
+        async with self.client.stream("GET", url, timeout=httpx.Timeout(30.0, read=60.0)) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"stream: GET {url}: HTTP {response.status_code} {(await response.aread())[:300]!r}")
+            event = None
+            async for line in response.aiter_lines():
+                if line.startswith("data:"):
+                    arrived = time.time()  # first, so the parsing below is not counted as latency
+                    if event == "chunk":
+                        self._chunk(orjson.loads(line[5:]), arrived)
+                    elif event == "snapshot":
+                        self.snapshot_at = arrived
+                        opened.set()
+                    elif event == "end":
+                        self.ended = True
+                        return
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line == "":
+                    event = None
+
+    def _chunk(self, data: dict, arrived: float) -> None:
+        self.events += 1
+        key = (data["task_id"], int(data.get("attempt", 1)))
+        text, offset = self._text.get(key, ""), int(data.get("offset", len(self._text.get(key, ""))))
+        if offset > len(text):
+            self.gaps += 1
+            text += "\0" * (offset - len(text))  # keep positions; the missed chunks never parse
+        text = text[:offset] + data["text"] if offset + len(data["text"]) > len(text) else text
+        self._text[key] = text
+        start = self._parsed.get(key, 0)
+        end = text.rfind(";") + 1
+        for match in _STREAMED.finditer(text, start, end):
+            i = int(match.group(1))
+            if i in self.latency_ms:
+                self.duplicates += 1
+                continue
+            sent = float(match.group(2))
+            self.latency_ms[i] = (arrived - sent) * 1000.0
+            self.received.append(arrived)
+            if isinstance(data.get("at"), (int, float)):
+                self.stages_ms["recorded"].append((data["at"] - sent) * 1000.0)
+                self.stages_ms["delivered"].append((arrived - data["at"]) * 1000.0)
+        self._parsed[key] = max(start, end)
+
+
+async def bench_stream(client: httpx.AsyncClient, outcomes: Outcomes, n: int, rate: float) -> dict:
+    """One task streams n chunks at `rate` a second; the SSE reader times each one (see StreamReader)."""
+
+    async def one_run(chunks: int) -> tuple[StreamReader, dict, dict]:
+        lead_s = 1.0  # the task waits this long before its first chunk, so the reader is connected by then
+        spec = {"name": "bench: stream", "tasks": [{
+            "id": "s", "capability": "stream", "timeout_s": chunks / rate + 60,
+            "payload": {"chunks": chunks, "rate_per_s": rate, "start_at": time.time() + lead_s}}]}
+        response = await client.post("/v1/workflows", json=spec)
+        if response.status_code != 202:
+            raise RuntimeError(f"stream: submit: HTTP {response.status_code} {response.text[:300]}")
+        reader = StreamReader(client, response.json()["workflow_id"])
+        opened = asyncio.Event()
+        reading = asyncio.create_task(reader.run(opened))
+        snapshot = asyncio.create_task(opened.wait())
+        await asyncio.wait([reading, snapshot], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        snapshot.cancel()
+        if reading.done():
+            reading.result()  # raises what ended it
+            raise RuntimeError("stream: the event stream ended before its snapshot")
+        if not opened.is_set():
+            reading.cancel()
+            raise RuntimeError(f"stream: no snapshot from the event stream of {reader.workflow_id} in 30 s")
+        try:
+            await asyncio.wait_for(reading, chunks / rate + 120)
+        except TimeoutError:
+            raise RuntimeError(f"stream: no `end` event {chunks / rate + 120:.0f}s after the snapshot; "
+                               f"{len(reader.latency_ms)}/{chunks} chunks arrived") from None
+        view = (await client.get(f"/v1/workflows/{reader.workflow_id}")).json()
+        if view["status"] != "succeeded":
+            raise RuntimeError(f"stream: workflow {reader.workflow_id} {view['status']}: {view['tasks'][0]}")
+        return reader, view, spec["tasks"][0]["payload"]
+
+    await one_run(min(n, 200))  # warm-up: the api's subscription, the agent's routes and connections
+    load = os.getloadavg()[0]  # latencies on a busy host say little about the platform: print it beside them
+    cpu_before = cpu_seconds(outcomes.cpu_pids)
+    reader, view, payload = await one_run(n)
+    cpu = cpu_delta(cpu_before, cpu_seconds(outcomes.cpu_pids))
+    result = view["tasks"][0]["result"]
+    if reader.snapshot_at is None or reader.snapshot_at > payload["start_at"]:
+        log("stream: the reader connected after the first chunk was due; the first latencies include that")
+    lat = sorted(reader.latency_ms.values())
+    if not lat:
+        raise RuntimeError(f"stream: no chunk arrived ({reader.events} chunk events)")
+    q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [lat[0]] * 99
+    span = max(reader.received) - min(reader.received)
+    return {"chunks": n, "rate_per_s": rate, "received": len(lat), "missing": n - len(lat),
+            "duplicates": reader.duplicates, "gaps": reader.gaps, "chunk_events": reader.events,
+            "chunks_per_event": round(len(lat) / max(1, reader.events), 1),
+            "received_per_s": round((len(lat) - 1) / span, 1) if span > 0 else None,
+            "late_sends": result.get("late_sends"), "host_load_1m": round(load, 2),
+            "p50_ms": round(statistics.median(lat), 2), "p95_ms": round(q[94], 2), "p99_ms": round(q[98], 2),
+            "max_ms": round(lat[-1], 2),
+            "stages_p50_p99_ms": {name: percentiles(v) for name, v in reader.stages_ms.items() if len(v) > 1},
+            "cpu_seconds": cpu}
+
+
 async def bench_switchboard(platform: Platform, args) -> dict:
     limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
     async with httpx.AsyncClient(base_url=platform.api_url, timeout=120, limits=limits) as client:
@@ -651,6 +795,10 @@ async def bench_switchboard(platform: Platform, args) -> dict:
             results["latency"] = await bench_latency(client, outcomes, args.latency_tasks, LATENCY_RATE,
                                                      args.dump_latency)
             log(f"latency: {results['latency']}")
+        if args.stream_chunks:
+            phase("stream")
+            results["stream"] = await bench_stream(client, outcomes, args.stream_chunks, STREAM_RATE)
+            log(f"stream: {results['stream']}")
         phase(None)
         return results
 
@@ -658,7 +806,7 @@ async def bench_switchboard(platform: Platform, args) -> dict:
 def run_switchboard(args) -> dict:
     platform = Platform(amqp_url=args.amqp_url, redis_url=args.redis_url,
                         agent_concurrency=args.agent_concurrency, log_level=args.log_level,
-                        uvloop=args.uvloop)
+                        uvloop=args.uvloop, stream=bool(args.stream_chunks))
     sampler: RssSampler | None = None
     ok = False
     try:
@@ -749,6 +897,27 @@ def report(sb: dict, celery: dict | None, args) -> dict:
         lines.append(f"  {'(p90 / max)':<42}{lat['p90_ms']:>10.2f} / {lat['max_ms']:.2f} ms")
         for stage, (p50, p99) in lat["stages_p50_p99_ms"].items():
             lines.append(f"  {'stage ' + stage + ' p50 / p99':<42}{p50:>10.2f} / {p99:.2f} ms")
+    if "stream" in sb:
+        st = sb["stream"]
+        lines.append("")
+        lines.append(f"streaming, one task sending {st['chunks']:,} chunks at {st['rate_per_s']:,.0f}/s through "
+                     f"GET /v1/workflows/{{id}}/events (Switchboard only; host load {st['host_load_1m']:.1f} "
+                     f"on {os.cpu_count()} CPUs):")
+        lines.append(f"  {'chunks received / missing / duplicated':<42}{st['received']:>10,} / {st['missing']} / "
+                     f"{st['duplicates']}")
+        lines.append(f"  {'chunks/s received':<42}{st['received_per_s'] or 0:>10,.1f}")
+        lines.append(f"  {'SSE chunk events (chunks per event)':<42}{st['chunk_events']:>10,} "
+                     f"({st['chunks_per_event']})")
+        ok = st["p99_ms"] <= TARGET_STREAM_P99_MS
+        lines.append(f"  {'send-to-reader p50 / p95 / p99':<42}{st['p50_ms']:>10.2f} / {st['p95_ms']:.2f} / "
+                     f"{st['p99_ms']:.2f} ms   p99 <= {TARGET_STREAM_P99_MS:.0f} ms  {_mark(ok)}")
+        lines.append(f"  {'(max)':<42}{st['max_ms']:>10.2f} ms")
+        for stage, (p50, p99) in st.get("stages_p50_p99_ms", {}).items():
+            what = {"recorded": "send -> recorded", "delivered": "recorded -> reader"}[stage]
+            lines.append(f"  {'stage ' + what + ' p50 / p99':<42}{p50:>10.2f} / {p99:.2f} ms")
+        if st.get("late_sends"):
+            lines.append(f"  {'sends > 5 ms behind schedule (agent busy)':<42}{st['late_sends']:>10,}")
+        summary["stream_p99_pass"] = ok
     lines.append("")
     lines.append(f"peak memory (RSS), target < {TARGET_RSS_MB:.0f} MB per service:")
     all_ok = True
@@ -764,7 +933,7 @@ def report(sb: dict, celery: dict | None, args) -> dict:
             lines.append(f"  celery {name + ' (parent + pool children)':<35}{mb:>10.1f} MB")
     lines.append("")
     lines.append("CPU seconds per process (user + system) during each workload:")
-    for key in ("noop", "dag", "latency"):
+    for key in ("noop", "dag", "latency", "stream"):
         if key in sb and "cpu_seconds" in sb[key]:
             cpu = sb[key]["cpu_seconds"]
             lines.append(f"  {key:<8} " + ", ".join(f"{n} {v:.1f}" for n, v in cpu.items()))
@@ -798,6 +967,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--noop", type=int, default=10_000, help="no-op tasks (one-task workflows)")
     parser.add_argument("--workflows", type=int, default=1_000, help="DAG workflows a -> (b1..b4) -> c")
     parser.add_argument("--latency-tasks", type=int, default=2_000, help="tasks submitted at 200/s")
+    parser.add_argument("--stream-chunks", type=int, default=5_000,
+                        help=f"chunks one task streams at {STREAM_RATE:.0f}/s to an SSE reader (0: skip)")
     parser.add_argument("--skip-celery", action="store_true", help="do not run the Celery baseline")
     parser.add_argument("--agent-concurrency", type=int,
                         default=int(os.environ.get("BENCH_AGENT_CONCURRENCY", "16")),
@@ -821,7 +992,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     began = time.monotonic()
     log(f"Switchboard: {args.noop} no-op tasks, {args.workflows} DAG workflows, "
-        f"{args.latency_tasks} latency tasks at {LATENCY_RATE:.0f}/s")
+        f"{args.latency_tasks} latency tasks at {LATENCY_RATE:.0f}/s, "
+        f"{args.stream_chunks} streamed chunks at {STREAM_RATE:.0f}/s")
     try:
         sb = run_switchboard(args)
         celery = None
@@ -838,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     data = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host_cpus": os.cpu_count(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "targets": {"ratio": TARGET_RATIO, "p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS,
-                        "rss_mb": TARGET_RSS_MB},
+                        "rss_mb": TARGET_RSS_MB, "stream_p99_ms": TARGET_STREAM_P99_MS},
             "switchboard": sb, "celery": celery, "table": table, "wall_seconds": wall}
     args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0

@@ -3,9 +3,9 @@
 from switchboard import Agent
 from switchboard.settings import Settings
 
-from example_agents import basic, planner
+from example_agents import basic, planner, writer
 
 
 def build(settings: Settings | None = None) -> list[Agent]:
-    """echo, sleep, fail and the delegating planner, each its own agent."""
-    return basic.build(settings) + planner.build(settings)
+    """echo, sleep, fail, the delegating planner, and the streaming writer with its announcer."""
+    return basic.build(settings) + planner.build(settings) + writer.build(settings)

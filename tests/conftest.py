@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.harness import Platform, make_settings
+from tests.harness import Platform, make_settings, service_processes
 
 
 def _from_container(kind: str):
@@ -68,3 +68,10 @@ async def platform(settings):
         yield platform
     finally:
         await platform.close()
+
+
+@pytest.fixture
+async def processes(settings):
+    """Every service and the example agents, each a process of its own (harness.service_processes)."""
+    async with service_processes(settings) as running:
+        yield running

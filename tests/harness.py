@@ -98,6 +98,8 @@ class Platform:
 
     async def stop_agent(self, agent: Agent) -> None:
         self._queues |= agent.bus._declared
+        if agent.subscriptions:
+            self._queues.add(self.topology.subscription_queue(agent.name))
         await agent.stop()
         self.agents.remove(agent)
 
@@ -138,7 +140,7 @@ async def cleanup(settings: Settings, queues: set[str], *, broker: bool = True, 
                     await channel.queue_delete(name)
                 except aio_pika.exceptions.AMQPError:
                     pass
-            for name in (topology.dlx, topology.control, topology.events, topology.agent_out):
+            for name in (topology.dlx, topology.control, topology.events, topology.agent_out, topology.topics):
                 channel = await connection.channel()
                 try:
                     await channel.exchange_delete(name)
@@ -156,8 +158,9 @@ async def cleanup(settings: Settings, queues: set[str], *, broker: bool = True, 
             await client.aclose()
 
 
-EXAMPLE_CAPABILITIES = ("echo", "sleep", "fail", "plan")
-EXAMPLE_AGENTS = ("echo-agent", "sleep-agent", "fail-agent", "planner-agent")
+EXAMPLE_CAPABILITIES = ("echo", "sleep", "fail", "plan", "write")
+EXAMPLE_AGENTS = ("echo-agent", "sleep-agent", "fail-agent", "planner-agent", "writer-agent", "announcer-agent")
+EXAMPLE_SUBSCRIBERS = ("announcer-agent",)
 
 
 @contextlib.asynccontextmanager
@@ -185,7 +188,8 @@ async def service_processes(settings: Settings, env: dict | None = None):
                 await proc.wait()
         topology = Topology(settings.namespace)
         await cleanup(settings, {topology.capability_queue(c) for c in EXAMPLE_CAPABILITIES}
-                      | {topology.agent_queue(a) for a in EXAMPLE_AGENTS})
+                      | {topology.agent_queue(a) for a in EXAMPLE_AGENTS}
+                      | {topology.subscription_queue(a) for a in EXAMPLE_SUBSCRIBERS})
 
 
 async def wait_processes_ready(client: httpx.AsyncClient, settings: Settings, ports: dict[str, int],

@@ -8,15 +8,8 @@ import signal
 
 import httpx
 import orjson
-import pytest
 
-from tests.harness import service_processes, wait_processes_ready
-
-
-@pytest.fixture
-async def processes(settings):
-    async with service_processes(settings) as running:
-        yield running
+from tests.harness import wait_processes_ready
 
 
 async def test_each_service_in_its_own_process(processes, settings):

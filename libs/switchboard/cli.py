@@ -4,7 +4,8 @@
                               dlq_replayer) or the example agents (agents) in this process
   switchboard run             check the broker and Redis, then run every service and the example agents,
                               each in its own process, until Ctrl-C / SIGTERM
-  switchboard demo            submit a workflow in which a planner delegates to other agents, and follow it
+  switchboard demo            follow a planner that delegates to other agents, then a writer that streams a
+                              draft, asks for approval and announces it (--only planner|writer, --ask)
   switchboard check           say whether RabbitMQ and Redis answer
   switchboard healthcheck     exit 0 if the service of this host or container answers /healthz (for
                               Docker's HEALTHCHECK)

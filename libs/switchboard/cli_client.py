@@ -12,7 +12,8 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -78,23 +79,74 @@ class Api:
                            UNREACHABLE) from exc
         if response.status_code == 204:
             return None
+        if response.status_code >= 400:
+            self._raise(response)
+        try:
+            return response.json()
+        except ValueError:
+            return None
+
+    @staticmethod
+    def _raise(response: httpx.Response) -> None:
+        """CliError for an error answer: the API's message, and USAGE when the input was at fault."""
         try:
             decoded = response.json()
         except ValueError:
             decoded = None
-        if response.status_code >= 400:
-            error = (decoded or {}).get("error") if isinstance(decoded, dict) else None
-            message = error["message"] if error else response.text[:200]
-            code = USAGE if response.status_code in BAD_INPUT_STATUSES else FAILED
-            raise CliError(f"{response.status_code} {error['code'] if error else ''}: {message}".replace(" :", ":"),
-                           code)
-        return decoded
+        error = decoded.get("error") if isinstance(decoded, dict) else None
+        message = error["message"] if error else response.text[:200]
+        code = USAGE if response.status_code in BAD_INPUT_STATUSES else FAILED
+        raise CliError(f"{response.status_code} {error['code'] if error else ''}: {message}".replace(" :", ":"), code)
 
     def get(self, path: str, **params) -> Any:
         return self.call("GET", path, params=params)
 
     def post(self, path: str, body: Any = None) -> Any:
         return self.call("POST", path, body=body)
+
+    def events(self, path: str, *, until: float | None = None, reconnects: int = 5,
+               **params) -> Iterator[tuple[str | None, str, Any]]:
+        """The server-sent events of `path` as (id, event, data decoded from JSON), until the caller stops
+        or time.monotonic() passes `until` (checked at each line: the server's heartbeats come every 15 s).
+
+        A dropped connection is opened again with Last-Event-ID, the last id seen, so the server resumes
+        after it: nothing is missed or repeated. CliError after `reconnects` failures in a row.
+        """
+        last_id, failures = None, 0
+        params = {k: v for k, v in params.items() if v is not None}
+        while until is None or time.monotonic() < until:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                # No read deadline beyond the server's heartbeat comments (every 15 s) with room to spare.
+                with self.http.stream("GET", path, params=params, headers=headers,
+                                      timeout=httpx.Timeout(30.0, read=60.0)) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        self._raise(response)
+                    fields: dict[str, str] = {}
+                    for line in response.iter_lines():
+                        if until is not None and time.monotonic() >= until:
+                            return
+                        if line == "":
+                            if "data" in fields:
+                                last_id = fields.get("id", last_id)
+                                failures = 0
+                                yield fields.get("id"), fields.get("event", "message"), json.loads(fields["data"])
+                            fields = {}
+                        elif not line.startswith(":"):  # a comment only keeps the connection open
+                            key, _, value = line.partition(":")
+                            value = value[1:] if value.startswith(" ") else value
+                            fields[key] = f"{fields[key]}\n{value}" if key == "data" and key in fields else value
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > reconnects:
+                    raise CliError(f"the event stream {path} at {self.url} keeps failing: "
+                                   f"{exc or type(exc).__name__}", UNREACHABLE) from exc
+                time.sleep(min(2.0, 0.2 * failures))
+                continue
+            failures += 1  # the server closed the stream without the caller stopping: open it again
+            if failures > reconnects:
+                raise CliError(f"the event stream {path} at {self.url} keeps closing", FAILED)
 
     def close(self) -> None:
         self.http.close()

@@ -48,10 +48,15 @@ def add_parsers(sub) -> None:
     dag.add_argument("id")
     dag.add_argument("--format", choices=list(cli_dag.RENDERERS), default="ascii")
     dag.add_argument("--out", default=None, metavar="FILE", help="write it to FILE instead of stdout")
-    demo = command("demo", "submit a workflow in which a planner delegates to other agents, and follow it live")
+    demo = command("demo", "follow live a planner that delegates to other agents, then a writer that streams "
+                           "a draft, asks for approval and publishes it")
     demo.add_argument("--url", dest="api", default=argparse.SUPPRESS, help="the same as --api (older spelling)")
     demo.add_argument("--goal", default="why the sky is blue")
-    demo.add_argument("--timeout", type=float, default=120.0, metavar="S")
+    demo.add_argument("--topic", default="tides", help="what the writer writes about")
+    demo.add_argument("--only", choices=["planner", "writer"], default=None, help="run one of the two demos")
+    demo.add_argument("--ask", action="store_true",
+                      help="on a terminal, ask you to approve the draft (otherwise it is approved for you)")
+    demo.add_argument("--timeout", type=float, default=120.0, metavar="S", help="for each of the two demos")
     command("agents", "agents with status, in-flight work and breakers; capability breakers")
 
     dlq = command("dlq", "dead letters: list, show, replay, delete")
@@ -272,6 +277,23 @@ def control_text(state: dict) -> str:
 
 
 def demo(api: Api, args) -> int:
+    """The planner's delegation demo, then the writer's streaming one (or --only one of them). With
+    `--output json`: {"workflow", "children"} of the planner and {"writer": ...} of the writer."""
+    document: dict = {}
+    codes = []
+    if args.only != "writer":
+        code, planner_views = _planner_demo(api, args)
+        codes.append(code)
+        document |= planner_views
+    if args.only != "planner":
+        code, document["writer"] = _writer_demo(api, args)
+        codes.append(code)
+    if args.output == "json":
+        emit(args, document)
+    return max(codes)
+
+
+def _planner_demo(api: Api, args) -> tuple[int, dict]:
     """The delegation demo: the parent workflow and the child workflows its planner starts, shown live
     (on a terminal) as their tasks move; then each task's result."""
     spec = {"name": "demo: planner delegates", "tasks": [
@@ -284,9 +306,7 @@ def demo(api: Api, args) -> int:
     views = cli_watch.follow_family(api, wf_id, live=args.output != "json" and sys.stderr.isatty(),
                                     timeout=args.timeout)
     parent = views[0]
-    if args.output == "json":
-        emit(args, {"workflow": parent, "children": views[1:]})
-    else:
+    if args.output != "json":
         for task in parent["tasks"]:
             print(f"\n{task['id']} result:\n{json.dumps(task['result'] or task['error'], indent=2)}")
         for child in views[1:]:
@@ -296,7 +316,72 @@ def demo(api: Api, args) -> int:
         print(f"\nworkflow {parent['status']}")
     if parent["status"] not in cli_watch.TERMINAL:
         say(f"the workflow did not finish in {args.timeout:g}s; is `make run` up?")
-    return OK if parent["status"] == "succeeded" else FAILED
+    return (OK if parent["status"] == "succeeded" else FAILED), {"workflow": parent, "children": views[1:]}
+
+
+def _writer_demo(api: Api, args) -> tuple[int, dict]:
+    """The streaming demo, all through the workflow's event stream (GET /v1/workflows/{id}/events): the
+    draft as the writer streams it, its progress, its question, answered here (by you with --ask on a
+    terminal, else approved for you), and the draft.published event it then announces."""
+    spec = {"name": "demo: writer asks before publishing",
+            "tasks": [{"id": "write", "capability": "write", "payload": {"topic": args.topic}}]}
+    wf_id = api.post("/v1/workflows", spec)["workflow_id"]
+    text = args.output != "json"
+    say(f"\nsubmitted workflow {wf_id}: a writer streams a draft, asks before publishing it, then announces it")
+    out = cli_watch.Printer(sys.stdout if text else None)
+    seen: dict = {"draft": "", "answers": [], "published": [], "statuses": {}}
+    for _, event, data in api.events(f"/v1/workflows/{wf_id}/events", until=time.monotonic() + args.timeout):
+        if event == "chunk" and data.get("workflow_id") == wf_id:
+            if not seen["draft"]:
+                out.say(f"  {data.get('task_id')} streams its draft:")
+            seen["draft"] += data["text"]
+            out.write(data["text"])
+        elif event == "progress" and _said(data) != seen.get("progress") and not out.mid_line:
+            # A new phase, not every percent; and not in the middle of the draft, which shows it already.
+            seen["progress"] = _said(data)
+            out.say(f"  [{(data.get('progress') or data).get('percent', '?')}%] {_said(data)}")
+        elif event == "task" and seen["statuses"].get(data.get("task_id")) != data.get("status"):
+            seen["statuses"][data.get("task_id")] = data.get("status")
+            out.say(f"  {data.get('task_id')} {data.get('status')}")
+        elif event == "input":
+            answer = _answer(data, args, out)
+            try:
+                api.post(f"/v1/workflows/{wf_id}/tasks/{data['task_id']}/input", {"answer": answer})
+                seen["answers"].append(answer)
+            except CliError as exc:  # someone else answered first (409): theirs stands
+                out.say(f"  not answered: {exc}")
+        elif event == "published":
+            seen["published"].append(data)
+            out.say(f"  published {data.get('topic')} (event {data.get('event_id')}): "
+                    f"{(data.get('data') or {}).get('words')} words on {(data.get('data') or {}).get('topic')!r}")
+        elif event == "end":
+            break
+    view = api.get(f"/v1/workflows/{wf_id}")
+    task = view["tasks"][0]
+    if text:
+        print(f"\n{task['id']} result:\n{json.dumps(task['result'] or task['error'], indent=2)}")
+        print(f"\nworkflow {view['status']}")
+    if seen["published"]:  # its subscribers are agents: what they do with it shows in their logs, not the API
+        say("subscribers hear it: the announcer agent logs \"heard draft.published\" (in `make run`'s output)")
+    if view["status"] not in cli_watch.TERMINAL:
+        say(f"the writer's workflow did not finish in {args.timeout:g}s; is `make run` up?")
+    return (OK if view["status"] == "succeeded" else FAILED), {"workflow": view, **seen}
+
+
+def _said(progress: dict) -> str | None:
+    return (progress.get("progress") or progress).get("message")
+
+
+def _answer(question: dict, args, out) -> dict:
+    """The answer to the writer's question: typed in with --ask on a terminal, else approve=true."""
+    out.say(f"  question from {question.get('task_id')}: {question.get('question')}")
+    if args.ask and sys.stdin.isatty() and args.output != "json":
+        reply = input("  approve? [Y/n] ").strip().lower()
+        note = input("  a note (optional): ").strip()
+        answer = {"approve": reply in ("", "y", "yes")}
+        return answer | ({"note": note} if note else {})
+    out.say("  answering it: approve=true (run `switchboard demo --ask` on a terminal to answer it yourself)")
+    return {"approve": True, "note": "approved by switchboard demo"}
 
 
 COMMANDS = {"demo": demo, "submit": submit, "workflows": workflows, "show": show, "wait": wait, "cancel": cancel, "dag": dag,

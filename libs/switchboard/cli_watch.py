@@ -7,13 +7,35 @@ lasts until the workflow ends or the --timeout is spent.
 
 from __future__ import annotations
 
+import sys
 import time
 
 from switchboard.cli_client import Api
 from switchboard.workflows import TERMINAL_WORKFLOW as TERMINAL  # a task's terminal statuses are the same
-STATUS_STYLES = {"pending": "dim", "queued": "blue", "running": "yellow", "succeeded": "green",
-                 "failed": "red", "cancelled": "magenta"}
+STATUS_STYLES = {"pending": "dim", "queued": "blue", "running": "yellow", "waiting_input": "cyan",
+                 "succeeded": "green", "failed": "red", "cancelled": "magenta"}
 LONG_POLL_S = 30.0  # below the API's 300 s cap and the client's timeout
+
+
+class Printer:
+    """Streamed text on `stream` (stdout; None prints none) and remarks on stderr, each remark on a line
+    of its own even when the text stopped mid-line, since both usually reach the same terminal."""
+
+    def __init__(self, stream):
+        self.stream, self.mid_line = stream, False
+
+    def write(self, text: str) -> None:
+        if self.stream is not None and text:
+            self.stream.write(text)
+            self.stream.flush()  # a token at a time: that is the point of streaming it
+            self.mid_line = not text.endswith("\n")
+
+    def say(self, message: str) -> None:
+        if self.mid_line:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.mid_line = False
+        print(message, file=sys.stderr, flush=True)
 
 
 def styled(status: str) -> str:
