@@ -58,7 +58,7 @@ async def test_a_reconnect_with_last_event_id_resumes_exactly_after_it(platform)
             await wait_for(lambda: first.text("s") == "".join(TOKENS[:100]), timeout=15,
                            what="the first half of the text")
             [(snapshot_id, kind, snapshot)] = first.events[:1]
-            assert kind == "snapshot" and snapshot_id is None and snapshot["workflow"]["workflow_id"] == wf_id
+            assert kind == "snapshot" and snapshot_id == 0 and snapshot["workflow"]["workflow_id"] == wf_id
             assert "result" not in snapshot["workflow"] and snapshot["children"] == []
             resume_at = first.last_id()
         half.set()  # the second half is streamed while nobody follows this workflow

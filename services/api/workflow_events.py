@@ -1,8 +1,9 @@
 """`GET /v1/workflows/{id}/events`: one workflow's life, and its child workflows', as server-sent events.
 
 A client gets, in this order:
- 1. `event: snapshot` (no id): {"at", "workflow": view, "children": [views], "children_truncated"}, the
-    views without results or checkpoint states (GET /v1/workflows/{id} has them; they may be large);
+ 1. `event: snapshot` with the id the client resumes from: {"at", "workflow": view, "children": [views],
+    "children_truncated"}, the views without results or checkpoint states (GET /v1/workflows/{id} has
+    them; they may be large);
  2. every entry of the family's log (workflows.log_after: chunk, input, answer, published, child) after
     the client's Last-Event-ID, each with `id: <seq>`;
  3. live: those entries as they commit, and the live-only changes (task, workflow, progress);
@@ -124,7 +125,7 @@ class FamilyStream(EventStream):
             log.warning("the event stream of workflow %s ended: %s", self.wf_id, exc)
 
     async def _follow(self, send) -> None:
-        self.out += [b"retry: %d\n: connected\n\n" % RETRY_MS, frame("snapshot", self.snapshot)]
+        self.out += [b"retry: %d\n: connected\n\n" % RETRY_MS, frame("snapshot", self.snapshot, self.last)]
         await self._read_log(send)
         poll_s, polled_at = POLL_S, time.monotonic()
         while self.status not in TERMINAL_WORKFLOW:
