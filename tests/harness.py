@@ -187,9 +187,15 @@ async def service_processes(settings: Settings, env: dict | None = None):
                 proc.kill()
                 await proc.wait()
         topology = Topology(settings.namespace)
-        await cleanup(settings, {topology.capability_queue(c) for c in EXAMPLE_CAPABILITIES}
-                      | {topology.agent_queue(a) for a in EXAMPLE_AGENTS}
-                      | {topology.subscription_queue(a) for a in EXAMPLE_SUBSCRIBERS})
+        await cleanup(settings, example_queues(topology))
+
+
+def example_queues(topology: Topology) -> set[str]:
+    """Every queue the example agents, and the dispatcher on their behalf, may declare."""
+    return ({q for c in EXAMPLE_CAPABILITIES for q in (topology.capability_queue(c), topology.hold_queue(c),
+                                                         topology.paused_queue(c))}
+            | {topology.agent_queue(a) for a in EXAMPLE_AGENTS}
+            | {topology.subscription_queue(a) for a in EXAMPLE_SUBSCRIBERS})
 
 
 async def wait_processes_ready(client: httpx.AsyncClient, settings: Settings, ports: dict[str, int],

@@ -129,7 +129,8 @@ def test_the_cli_creates_a_user_that_logs_in_and_deletes_it(management):
     finally:
         credentials.delete(management, name)
         asyncio.run(cleanup(management, {f"{management.namespace}.cap.{c}" for c in "ab"}
-                            | {f"{management.namespace}.agent.{name}"}, redis=False))
+                            | {f"{management.namespace}.agent.{name}", f"{management.namespace}.sub.{name}"},
+                            redis=False))
 
 
 async def _logs_in(url: str) -> None:

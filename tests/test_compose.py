@@ -23,7 +23,7 @@ import yaml
 
 from tests import deploy_facts
 from tests.compose_file import load, variables
-from tests.harness import EXAMPLE_AGENTS, EXAMPLE_CAPABILITIES, cleanup, free_port, wait_for, wait_processes_ready
+from tests.harness import cleanup, example_queues, free_port, wait_for, wait_processes_ready
 from tests.otlp import OtlpReceiver
 from tests.test_image import instructions
 from switchboard.topology import Topology
@@ -277,5 +277,4 @@ async def test_the_sqlite_stack_starts_from_its_compose_file_and_runs_a_workflow
                 await proc.wait()
         await receiver.close()
         topology = Topology(settings.namespace)
-        await cleanup(settings, {topology.capability_queue(c) for c in EXAMPLE_CAPABILITIES}
-                      | {topology.agent_queue(a) for a in EXAMPLE_AGENTS})
+        await cleanup(settings, example_queues(topology))

@@ -186,6 +186,7 @@ class Cluster:
             self.procs[name] = Proc(name, [sys.executable, "-m", "switchboard.cli", "serve", name],
                                     {**base, "SWITCHBOARD_HEALTH_PORT": str(port)}, port, self.log_dir, "service")
         self.agent_specs: dict[str, AgentSpec] = {}
+        self.extra_queues: set[str] = set()
         self.runlogs = RunLogs([])
         for spec in agents:
             self.add_agent(spec)
@@ -209,6 +210,14 @@ class Cluster:
         self.procs[spec.name] = proc
         self.agent_specs[spec.name] = spec
         self.runlogs.add(runlog)
+        return proc
+
+    def add_agent_process(self, name: str, argv: list[str], queues: Iterable[str]) -> Proc:
+        """An agent of another kind than the chaos agent: its argv, and the queues to clean up after it."""
+        port = free_port()
+        proc = Proc(name, argv, {**self.env, "SWITCHBOARD_HEALTH_PORT": str(port)}, port, self.log_dir, "agent")
+        self.procs[name] = proc
+        self.extra_queues |= set(queues)
         return proc
 
     @property
@@ -303,7 +312,7 @@ class Cluster:
         """Deletes the namespace's queues, exchanges and keys from the shared broker and Redis (a private
         server goes away with its data)."""
         t = self.topology
-        queues = set()
+        queues = set(self.extra_queues)
         for spec in self.agent_specs.values():
             queues |= {t.capability_queue(spec.capability), t.hold_queue(spec.capability),
                        t.paused_queue(spec.capability), t.agent_queue(spec.name)}

@@ -7,6 +7,8 @@
 4. Restart a private Redis (no persistence) mid-run: dependencies are rebuilt, agents re-register.
 5. Poison messages to every queue: each dead-lettered once, with its reason; nothing crashes or loops.
 6. A flaky agent: every task succeeds within its attempts; attempts match the injected failures.
+7. SIGKILL each service while a task streams text, checkpoints, asks a question and publishes an event:
+   the text is logged whole and in order, the question outlives the api, the event is heard.
 
 CHAOS_SCALE (or --chaos-scale) sizes them: 1 is the CI size; `python -m tests.chaos.run_chaos` runs the
 long version (scenario 1 with at least 2,000 tasks).
@@ -364,3 +366,71 @@ async def test_flaky_agent(make_cluster, report, chaos_scale, chaos_rng):
     most = max(t["attempts"] for v in verdict.views.values() for t in v["tasks"])
     report.add(kind="run", summary=f"{verdict.summary()}; {injected} injected failures ({rate:.0%} of runs), "
                                    f"max attempts used {most}", tasks=verdict.tasks)
+
+
+# ---- 7 ------------------------------------------------------------------------------------------------------
+async def test_streaming_checkpoints_questions_and_events_survive_sigkill_of_each_service(make_cluster, report):
+    import sys
+
+    from switchboard.state import open_store
+    from switchboard.workflows import WorkflowStore
+    from tests.chaos import feature_agent
+
+    cluster = await make_cluster([], start=False)
+    heard_log = cluster.workdir / "heard.jsonl"
+    t = cluster.topology
+    cluster.add_agent_process("feature-agent", [sys.executable, "-m", "tests.chaos.feature_agent", "--log", str(heard_log)],
+                              {t.capability_queue("feature"), t.hold_queue("feature"), t.agent_queue("feature-agent"),
+                               t.subscription_queue("feature-agent")})
+    await cluster.start()
+    workflows = WorkflowStore(open_store(cluster.settings.store_url), cluster.settings)
+    try:
+        response = await cluster.client.post("/v1/workflows", json={"tasks": [{"id": "f", "capability": "feature"}]})
+        wf_id = response.json()["workflow_id"]
+
+        async def streamed_past(chars: int):
+            log = await workflows.log_after(wf_id, 0)
+            return sum(len(e.get("text", "")) for e in log) > chars
+
+        recoveries = {}
+        for n, name in enumerate(("aggregator", "coordinator", "dispatcher", "registry")):
+            await wait_for(lambda: streamed_past(150 * (n + 1)), timeout=60, what=f"streaming before killing {name}",
+                           on_timeout=cluster.diagnose)
+            killed_at = await cluster.kill(name)
+            await cluster.restart(name)
+            await cluster.wait_ready(timeout=60)
+            recoveries[name] = time.time() - killed_at
+
+        async def waiting():
+            view = (await workflows.get(wf_id))["tasks"][0]
+            return view if view["status"] == "waiting_input" else None
+
+        await wait_for(waiting, timeout=60, what="the question asked", on_timeout=cluster.diagnose)
+        killed_at = await cluster.kill("api")  # the question outlives the api that would show it
+        await cluster.restart("api")
+        await cluster.wait_ready(timeout=60)
+        recoveries["api"] = time.time() - killed_at
+        answered = await cluster.client.post(f"/v1/workflows/{wf_id}/tasks/f/input", json={"answer": "yes"})
+        assert answered.status_code == 200, answered.text
+        view = (await cluster.client.get(f"/v1/workflows/{wf_id}", params={"wait": 60})).json()
+        assert view["status"] == "succeeded", cluster.diagnose()
+        task = view["tasks"][0]
+        assert task["result"] == {"answer": "yes"} and task["attempts"] == 1  # no kill cost an attempt
+        log = await workflows.log_after(wf_id, 0)
+        assert [e["seq"] for e in log] == list(range(1, len(log) + 1))
+        chunks = [e for e in log if e["event"] == "chunk"]
+        assert "".join(c["text"] for c in chunks) == "".join(feature_agent.token(i) for i in range(feature_agent.TOKENS))
+        assert all(a["offset"] + len(a["text"]) == b["offset"] for a, b in zip(chunks, chunks[1:]))
+        assert [e["event"] for e in log if e["event"] != "chunk"] == ["input", "answer", "published"]
+        [published] = [e for e in log if e["event"] == "published"]
+
+        def heard() -> list[dict]:
+            return [orjson.loads(line) for line in heard_log.read_text().splitlines()] if heard_log.exists() else []
+
+        await wait_for(lambda: heard(), timeout=30, what="the event heard")
+        assert {h["heard"] for h in heard()} == {published["event_id"]}  # at least once, one id
+    finally:
+        await workflows.store.close()
+    report.add(kind="run", summary="streamed text whole and in order, one question answered, one event heard; "
+                                   "recovery " + ", ".join(f"{k} {v:.1f}s" for k, v in recoveries.items()),
+               tasks=1)
