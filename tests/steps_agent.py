@@ -13,10 +13,37 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sys
 
 import orjson
 
 from switchboard import Agent
+from switchboard.settings import Settings
+
+
+async def spawn(settings: Settings, name: str, log: str, *extra: str, amqp_url: str | None = None):
+    """Starts this agent as a process of its own, on the settings' platform (with `amqp_url`: as its own
+    broker user)."""
+    from tests.harness import free_port
+
+    env = {**os.environ, "SWITCHBOARD_AMQP_URL": amqp_url or settings.amqp_url,
+           "SWITCHBOARD_REDIS_URL": settings.redis_url, "SWITCHBOARD_STORE_URL": settings.store_url,
+           "SWITCHBOARD_NAMESPACE": settings.namespace, "SWITCHBOARD_HEARTBEAT_INTERVAL_S": "0.2",
+           "SWITCHBOARD_HEALTH_PORT": str(free_port())}
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.steps_agent", "--name", name, "--log", log, *extra, env=env,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
+def ran(log: str) -> list[tuple[str, int]]:
+    """(agent, step) of each step run, in order."""
+    with open(log, "rb") as f:
+        return [(e["agent"], e["step"]) for e in map(orjson.loads, f.read().splitlines()) if "step" in e]
+
+
+def stopped(log: str, step: int) -> bool:
+    with open(log, "rb") as f:
+        return any(orjson.loads(line).get("stopped") == step for line in f.read().splitlines())
 
 
 def main() -> None:

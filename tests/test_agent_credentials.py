@@ -201,6 +201,16 @@ async def test_a_credentialed_agent_streams_checkpoints_asks_publishes_and_subsc
     assert task["checkpoint"]["state"] == {"drafted": True} and task["progress"]["message"] == "half"
 
 
+async def test_a_credentialed_agents_task_resumes_from_its_checkpoint_on_another_agent_user(
+        make_user, platform, tmp_path):
+    # The second agent, a broker user of its own, runs the redelivered task as a new attempt: its reports,
+    # checkpoints included, are its own, not a forgery of the first agent's.
+    from tests.test_agent_features import killed_after_step_6_resumes_at_7
+
+    users = dict([await make_user(["steps"]), await make_user(["steps"])])
+    await killed_after_step_6_resumes_at_7(platform, str(tmp_path / "steps.jsonl"), users)
+
+
 async def stored_task(platform, wf_id: str, task_id: str) -> dict:
     import orjson
 

@@ -7,7 +7,7 @@ import asyncio
 
 from switchboard import Agent, TaskError
 
-from tests.harness import free_port, wait_for
+from tests.harness import wait_for
 
 
 def task_of(view: dict, task_id: str = "t") -> dict:
@@ -241,50 +241,39 @@ async def test_a_bad_topic_is_refused_at_the_sdk():
 
 
 async def test_a_task_whose_agent_is_killed_resumes_from_its_checkpoint_on_another(platform, tmp_path):
-    import os
+    await killed_after_step_6_resumes_at_7(platform, str(tmp_path / "steps.jsonl"))
+
+
+async def killed_after_step_6_resumes_at_7(platform, log: str, urls: dict[str, str] | None = None) -> None:
+    """The handler of tests/steps_agent.py checkpoints after each of 10 steps; its first agent is SIGKILLed
+    after step 6, and the second, started only then, resumes at step 7: each step runs once."""
     import signal
-    import sys
 
-    import orjson
+    from tests import steps_agent
 
-    settings = platform.settings
-    env = {**os.environ, "SWITCHBOARD_AMQP_URL": settings.amqp_url, "SWITCHBOARD_REDIS_URL": settings.redis_url,
-           "SWITCHBOARD_STORE_URL": settings.store_url, "SWITCHBOARD_NAMESPACE": settings.namespace,
-           "SWITCHBOARD_HEARTBEAT_INTERVAL_S": "0.2"}
-    log = tmp_path / "steps.jsonl"
-    log.touch()
-
-    def lines() -> list[dict]:
-        return [orjson.loads(line) for line in log.read_text().splitlines()]
-
-    async def spawn(name: str, *extra: str):
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.steps_agent", "--name", name, "--log", str(log), *extra,
-            env={**env, "SWITCHBOARD_HEALTH_PORT": str(free_port())}, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL)
-
-    first = await spawn("steps-a", "--stop-after", "6")
+    names = list(urls or ("steps-a", "steps-b"))
+    open(log, "wb").close()
+    first = await steps_agent.spawn(platform.settings, names[0], log, "--stop-after", "6",
+                                    amqp_url=(urls or {}).get(names[0]))
     second = None
     try:
-        await wait_for(platform._registered("steps-a"), what="the first agent registered")
+        await wait_for(platform._registered(names[0]), what="the first agent registered")
         wf_id = await platform.submit({"tasks": [{"id": "t", "capability": "steps", "timeout_s": 120}]})
-        await wait_for(lambda: any(e.get("stopped") == 6 for e in lines()), what="step 6 checkpointed")
-        second = await spawn("steps-b")  # it starts only now, so the first agent had the task
-        await wait_for(platform._registered("steps-b"), what="the second agent registered")
+        await wait_for(lambda: steps_agent.stopped(log, 6), what="step 6 checkpointed")
+        second = await steps_agent.spawn(platform.settings, names[1], log, amqp_url=(urls or {}).get(names[1]))
+        await wait_for(platform._registered(names[1]), what="the second agent registered")
         first.send_signal(signal.SIGKILL)
         await first.wait()
         view = await platform.wait(wf_id, timeout=60)
         assert view["status"] == "succeeded"
-        assert task_of(view)["result"] == {"resumed_after": 6, "agent": "steps-b"}
-        ran = [(e["agent"], e["step"]) for e in lines() if "step" in e]
-        assert ran == [("steps-a", s) for s in range(1, 7)] + [("steps-b", s) for s in range(7, 11)]
+        assert task_of(view)["result"] == {"resumed_after": 6, "agent": names[1]}
+        assert steps_agent.ran(log) == [(names[0], s) for s in range(1, 7)] + [(names[1], s) for s in range(7, 11)]
     finally:
         for proc in (first, second):
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        platform._queues.add(platform.topology.agent_queue("steps-a"))
-        platform._queues.add(platform.topology.agent_queue("steps-b"))
+        platform._queues |= {platform.topology.agent_queue(n) for n in names}
         platform._queues.add(platform.topology.capability_queue("steps"))
 
 

@@ -398,14 +398,20 @@ class Agent(runtime.Service):
     async def _run_task(self, env: Envelope, slot: _Slot, redelivered: bool) -> None:
         if env.payload.get("epoch", 0) <= self._cancelled.get(env.workflow_id, -1):
             return  # its workflow was cancelled (a replay starts a new epoch, which does run)
-        context = await self._context(env) if env.attempt > 1 or redelivered else None
+        context = await self._context(env, redelivered) if env.attempt > 1 or redelivered else None
+        if context is not None:
+            if context.get("skip"):
+                return  # it finished meanwhile (its first run's outcome came in after all)
+            env.attempt = context.get("attempt", env.attempt)
         run = TaskRun(env, env.payload.get("capability", ""), self.name)
         await telemetry.running(run, functools.partial(self._run, run, context, slot))
 
-    async def _context(self, env: Envelope) -> dict:
-        """A retried or redelivered attempt's start: the checkpoint and answers of the attempts before."""
+    async def _context(self, env: Envelope, redelivered: bool) -> dict:
+        """A retried or redelivered attempt's start: the checkpoint and answers of the attempts before, and
+        (redelivered) the attempt number to run as (WorkflowStore.context)."""
         ask = Envelope(type=MessageType.EVENT, subject="task.context", source=self.name,
-                       workflow_id=env.workflow_id, task_id=env.task_id, attempt=env.attempt)
+                       workflow_id=env.workflow_id, task_id=env.task_id, attempt=env.attempt,
+                       payload={"redelivered": redelivered})
         try:
             return await self._ask_coordinator(ask, timeout_s=_CONTEXT_QUERY_S)
         except TimeoutError:

@@ -873,16 +873,30 @@ class WorkflowStore:
 
         return await self._commit(txn)
 
-    async def context(self, wf_id: str, task_id: str) -> dict:
-        """What a new attempt of a task starts from: its last checkpoint and the answers it was given."""
+    async def context(self, wf_id: str, task_id: str, *, redelivered: int | None = None) -> tuple[dict, FollowUps]:
+        """What a new attempt of a task starts from: its last checkpoint and the answers it was given, and
+        the attempt number to run as. A redelivered task message (attempt `redelivered`: its agent died, or
+        lost its channel) runs as the next attempt, so that its reports are the new agent's own (see
+        _check_sender) and a late outcome of the old run changes nothing. "skip": the task finished."""
 
-        def txn(tr: Transaction) -> dict:
+        def txn(tr: Transaction):
+            out = FollowUps()
             task = self._read_task(tr, wf_id, task_id)
             checkpoint = task.get("checkpoint")
-            return {"checkpoint": checkpoint["state"] if checkpoint else None,
-                    "checkpoint_n": checkpoint["n"] if checkpoint else None, "answers": task.get("answers") or {}}
+            context = {"checkpoint": checkpoint["state"] if checkpoint else None,
+                       "answers": task.get("answers") or {}}
+            if redelivered is None:
+                return context, out
+            if task["status"] in TERMINAL_TASK:
+                return {**context, "skip": True}, out
+            if task["status"] in ("running", "waiting_input") and task["attempts"] >= redelivered:
+                self._clear_deadline(tr, wf_id, task)
+                task.update(status="queued", input=None,
+                            reason=f"attempt {task['attempts']} was redelivered (its agent is gone): it runs again")
+                self._write_task(tr, wf_id, task)
+            return {**context, "attempt": max(task["attempts"], redelivered - 1) + 1}, out
 
-        return await self.store.read(txn)
+        return await self._transact(txn)
 
     async def log_after(self, wf_id: str, after: int, limit: int = 1000) -> list[dict]:
         """The entries of the log of the workflow's family (its root's) after seq `after`, in order."""

@@ -84,10 +84,13 @@ class Coordinator(Service):
                 self._release, causes, check_store=message.redelivered))
         elif env.subject == "task.context" and env.reply_to:
             # A new attempt (a retry, or a redelivery after its agent died) asks where to start from.
+            redelivered = env.attempt if env.payload.get("redelivered") else None
             try:
-                context = await self.workflows.context(env.workflow_id or "", env.task_id or "")
+                context, out = await self.workflows.context(env.workflow_id or "", env.task_id or "",
+                                                            redelivered=redelivered)
             except NotFound:
-                context = {"checkpoint": None, "answers": {}}
+                context, out = {"skip": True}, FollowUps()
+            await out.publish(self.bus)
             await self.bus.publish(Envelope(type=MessageType.EVENT, subject="task.context", source=self.name,
                                             correlation_id=env.correlation_id, payload=context), env.reply_to)
         elif env.subject == "control.query" and env.reply_to:
