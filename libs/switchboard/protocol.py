@@ -13,12 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = [
     "Budget",
     "CachePolicy",
-    "ConcurrencyLimit",
     "Envelope",
     "InvalidSpec",
     "MessageType",
     "Priority",
-    "RateLimit",
     "TaskSpec",
     "WorkflowSpec",
     "ValidationError",
@@ -106,29 +104,6 @@ class RetryPolicy(BaseModel):
     max_s: float = Field(30.0, ge=0, le=24 * 3600, strict=True)
 
 
-_KEY = Field(min_length=1, max_length=256, description='a name, or a template over the task such as '
-             '"tenant:{payload.tenant}"')
-
-
-class RateLimit(BaseModel):
-    """At most per_s tasks a second start under this key, with bursts of up to `burst`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    key: str = _KEY
-    per_s: float = Field(gt=0, le=100_000, strict=True)
-    burst: int | None = Field(None, ge=1, le=100_000, strict=True, description="default: per_s, at least 1")
-
-
-class ConcurrencyLimit(BaseModel):
-    """At most `max` tasks under this key run at once."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    key: str = _KEY
-    max: int = Field(ge=1, le=100_000, strict=True)
-
-
 class CachePolicy(BaseModel):
     """A result of the same task (by `key`, or a hash of the capability, payload and parents' results)
     recorded less than ttl_s ago is taken as this task's result, without running it."""
@@ -161,8 +136,6 @@ class TaskSpec(BaseModel):
     max_attempts: int | None = Field(None, ge=1, le=100, strict=True)
     agent: str | None = Field(None, min_length=1, max_length=128, description="Route to this agent only.")
     retry: RetryPolicy | None = None
-    rate_limit: RateLimit | None = None
-    concurrency: ConcurrencyLimit | None = None
     cache: CachePolicy | None = None
 
     @field_validator("depends_on")
