@@ -21,6 +21,7 @@ from switchboard.runtime import Service
 from switchboard.sdk import Agent
 from switchboard.settings import Settings
 from switchboard.topology import Topology
+from switchboard.workflows import TERMINAL_WORKFLOW
 
 ALL_SERVICES = ("api", "coordinator", "dispatcher", "registry", "aggregator", "dlq_replayer")
 
@@ -108,7 +109,7 @@ class Platform:
         assert response.status_code == 202, response.text
         return response.json()["workflow_id"]
 
-    async def wait(self, workflow_id: str, *, timeout: float = 60.0, until=("succeeded", "failed", "cancelled")):
+    async def wait(self, workflow_id: str, *, timeout: float = 60.0, until=tuple(TERMINAL_WORKFLOW)):
         deadline = time.monotonic() + timeout
         while True:
             wait = max(0.0, min(5.0, deadline - time.monotonic()))

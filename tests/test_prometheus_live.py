@@ -110,6 +110,9 @@ CONTRACT = {
                  "events"}},
     "switchboard_amqp_reconnects_total": {"service": set(SERVICES)},
     "switchboard_store_conflicts_total": {"service": set(SERVICES)},
+    # A cached echo task in every round of successes(): a miss in the first, hits after.
+    "switchboard_cache_lookups_total": {"outcome": {"miss", "hit"}, "capability": {"echo"}, "service": {"api"}},
+    # Not switchboard_usage_tokens_total nor _cost_total: no example agent reports usage (tests/test_budgets.py).
     "process_cpu_seconds_total": {"service": set(SERVICES)},
     "process_resident_memory_bytes": {"service": set(SERVICES)},
 }
@@ -118,7 +121,7 @@ KINDS = {"dispatch", "cap", "agent", "hold", "paused", "results", "delay", "cont
          "coordinator", "registry", "replay", "events",  # events: the stream of changes (switchboard.stream)
          "topics", "sub"}  # pub-sub between agents: the exchange, and each agent name's queue
 TASK_OUTCOMES = {"succeeded", "failed", "retried", "dead_lettered", "cancelled", "timed_out"}
-WORKFLOW_STATUSES = {"succeeded", "failed", "cancelled"}
+WORKFLOW_STATUSES = {"succeeded", "failed", "cancelled", "budget_exceeded"}
 # The contract's enumerations: a series with any other value breaks it.
 ALLOWED = {
     "switchboard_tasks_submitted_total": {"priority": PRIORITIES},
@@ -134,6 +137,7 @@ ALLOWED = {
     "switchboard_dead_letters": {"reason": REASONS},
     "switchboard_messages_published_total": {"kind": KINDS},
     "switchboard_messages_consumed_total": {"kind": KINDS, "outcome": {"ok", "requeued", "dead_lettered", "dropped"}},
+    "switchboard_cache_lookups_total": {"outcome": {"hit", "miss", "expired"}},
 }
 # Every label of every switchboard_* series ("never an id as a label").
 LABELS = {"__name__", "job", "instance", "service", "capability", "priority", "outcome", "le", "status",
@@ -239,10 +243,11 @@ async def submit(api: httpx.AsyncClient, spec: dict) -> str:
 
 
 async def successes(api: httpx.AsyncClient) -> None:
-    """The fan-out/fan-in DAG with its delegating planner, and an echo task of each priority."""
+    """The fan-out/fan-in DAG with its delegating planner, an echo task of each priority, and a cached one."""
     ids = [await submit(api, DAG)]
-    for priority in sorted(PRIORITIES):
-        response = await api.post("/v1/tasks", json={"capability": "echo", "priority": priority})
+    for task in [{"capability": "echo", "priority": priority} for priority in sorted(PRIORITIES)] + [
+            {"capability": "echo", "payload": {"cached": True}, "cache": {"ttl_s": 3600}}]:
+        response = await api.post("/v1/tasks", json=task)
         assert response.status_code == 202, response.text
         ids.append(response.json()["workflow_id"])
     views = await asyncio.gather(*(finish(api, wf_id) for wf_id in ids))

@@ -126,3 +126,19 @@ def test_metrics_can_be_asked_for_by_name():
     assert 'switchboard_tasks_submitted_total{capability="named",priority="LOW"}' in text
     assert "switchboard_task_run_seconds" not in text and "process_cpu" not in text
     assert "switchboard_task_run_seconds" in exposition().decode()
+
+
+def test_cache_lookups_and_reported_usage_are_counted_by_capability():
+    def value(name, **labels):
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (value("switchboard_cache_lookups_total", capability="counted", outcome="hit"),
+              value("switchboard_usage_tokens_total", capability="counted"),
+              value("switchboard_usage_cost_total", capability="counted"))
+    telemetry.emit("cache.looked_up", capability="counted", outcome="hit")
+    telemetry.emit("usage.reported", capability="counted", tokens=12, cost=0.25)
+    telemetry.emit("usage.reported", capability="counted", tokens=3, cost=0.0)
+    after = (value("switchboard_cache_lookups_total", capability="counted", outcome="hit"),
+             value("switchboard_usage_tokens_total", capability="counted"),
+             value("switchboard_usage_cost_total", capability="counted"))
+    assert [a - b for a, b in zip(after, before)] == [1.0, 15.0, 0.25]

@@ -18,7 +18,7 @@ from switchboard import cli_dag, cli_watch
 from switchboard.cli_client import OK, FAILED, USAGE, EXIT_CODES_HELP, Api, CliError, emit, options, say
 from switchboard.cli_watch import styled
 
-WORKFLOW_STATUSES = ["pending", "running", "succeeded", "failed", "cancelled"]
+WORKFLOW_STATUSES = ["pending", "running", "succeeded", "failed", "cancelled", "budget_exceeded"]
 
 
 def add_parsers(sub) -> None:

@@ -11,9 +11,10 @@ import sys
 import time
 
 from switchboard.cli_client import Api
-from switchboard.workflows import TERMINAL_WORKFLOW as TERMINAL  # a task's terminal statuses are the same
+from switchboard.workflows import TERMINAL_WORKFLOW as TERMINAL  # a task's terminal statuses are among them
 STATUS_STYLES = {"pending": "dim", "queued": "blue", "running": "yellow", "waiting_input": "cyan",
-                 "succeeded": "green", "failed": "red", "cancelled": "magenta"}
+                 "succeeded": "green", "failed": "red", "cancelled": "magenta",
+                 "budget_exceeded": "red"}
 LONG_POLL_S = 30.0  # below the API's 300 s cap and the client's timeout
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
-from switchboard import runtime, tasklog, telemetry
+from switchboard import runtime, tasklog, telemetry, usage
 from switchboard.bus import Consumer, Transient
 from switchboard.codec import Codec, CodecError
 from switchboard.protocol import Envelope, MessageType, WorkflowSpec, validate_workflow
@@ -131,6 +131,7 @@ class TaskContext:
         self._asked: collections.Counter[str] = collections.Counter()
         self._checkpoints = 0
         self._delegations = 0
+        self._usage = {"tokens": 0, "cost": 0.0, "n": 0}  # this attempt's running totals (switchboard.usage)
         self._slot = slot
         self._timeout: asyncio.Timeout | None = None  # the task's timeout, paused while it waits for an answer
         self.reporter = Reporter(self._send_report)
@@ -204,6 +205,17 @@ class TaskContext:
         workflow's event stream; returns its id."""
         await self.reporter.flush()
         return await self.agent._publish(self._message(MessageType.EVENT, "event.publish", {}), topic, data)
+
+    async def report_usage(self, tokens: int = 0, cost: float = 0.0) -> None:
+        """Reports what the handler spent since its last report (LLM tokens, money in any one unit). It is
+        added to the task's usage, its workflow's and the workflows it was delegated from; a workflow whose
+        budget it crosses stops, and its running tasks (this one, maybe) are cancelled. Counted once: each
+        report carries the attempt's running totals, and its result or error the final ones."""
+        usage.check_amounts(tokens, cost)
+        self._usage = {"tokens": self._usage["tokens"] + tokens, "cost": self._usage["cost"] + float(cost),
+                       "n": self._usage["n"] + 1}
+        await self.agent.bus.publish(self._message(MessageType.STATUS, "usage", dict(self._usage)),
+                                     self.agent.bus.topology.results)
 
     def _message(self, kind: MessageType, subject: str, payload: dict) -> Envelope:
         return Envelope(type=kind, subject=subject, source=self.agent.name, workflow_id=self.workflow_id,
@@ -466,6 +478,8 @@ class Agent(runtime.Service):
                 await asyncio.gather(announcing, return_exceptions=True)  # "started" goes out first
         if reply.type == MessageType.ERROR and run.outcome == "succeeded":
             run.outcome = "failed"  # the result itself was refused (too large, not serializable)
+        if handler is not None and context._usage["n"]:  # its final totals (see TaskContext.report_usage)
+            reply.payload["usage"] = dict(context._usage)
         reply.payload["started_at"] = started_at
         await self.bus.publish(reply, self.bus.topology.results)
 

@@ -13,6 +13,10 @@ Keys (fdb.tuple packed):
                                                   (or {attempt, input}: a question's own timeout)
   (ns, "log", root_id, seq) → entry            what a workflow family's agents said (switchboard.tasklog)
   (ns, "logseq", root_id) → last seq           (ns, "children", wf_id, child_id) → b""
+  (ns, "cache", ...) the result cache (switchboard.cache)
+
+What handlers spend and workflows' budgets follow switchboard.usage: a report's usage is added to its task,
+its workflow and the workflow's ancestors; one that crosses a budget stops that workflow (budget_exceeded).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from switchboard import deadletters, stream, tasklog, telemetry
+from switchboard import cache, deadletters, stream, tasklog, telemetry, usage
 from switchboard.protocol import Envelope, MessageType, Priority, WorkflowSpec, new_id
 from switchboard.settings import Settings, amqp_username
 from switchboard.state import Store, Transaction, pack, prefix_range, unpack
@@ -36,7 +40,7 @@ if TYPE_CHECKING:
     from switchboard.routing import Routes
 
 TERMINAL_TASK = {"succeeded", "failed", "cancelled"}
-TERMINAL_WORKFLOW = {"succeeded", "failed", "cancelled"}
+TERMINAL_WORKFLOW = {"succeeded", "failed", "cancelled", "budget_exceeded"}
 _MIN_DELAY_S = 0.05  # shorter retry delays are not worth a trip through a delay queue
 CENSUS_LIMIT = 5_000  # workflows counted by a census, of each status
 RESEAL_BYTES = 2_000_000  # records read by one transaction of a key rotation
@@ -161,6 +165,8 @@ def task_view(task: dict) -> dict:
     question = task.get("input")
     view["input"] = {k: question.get(k) for k in tasklog.QUESTION_KEYS} if question else None
     view["answers"] = task.get("answers") or {}
+    view["usage"] = task.get("usage") or usage.zero()
+    view["cached"] = task.get("cached")  # {workflow_id, task_id, at}: the result came from the cache
     return view
 
 
@@ -169,7 +175,9 @@ def workflow_view(wf: dict, tasks: list[dict]) -> dict:
         "workflow_id": wf["id"], "name": wf.get("name"), "status": wf["status"],
         "created_at": wf["created_at"], "updated_at": wf["updated_at"], "finished_at": wf.get("finished_at"),
         "parent": wf.get("parent"), "root": wf.get("root") or wf["id"], "error": wf.get("error"),
-        "result": wf.get("result"), "owner": wf.get("owner"), "tasks": [task_view(t) for t in tasks],
+        "result": wf.get("result"), "owner": wf.get("owner"), "budget": wf.get("budget"),
+        "usage": wf.get("usage") or usage.zero(),  # its child workflows' included
+        "tasks": [task_view(t) for t in tasks],
     }
 
 
@@ -180,6 +188,7 @@ class WorkflowStore:
         self.settings = settings
         self.source = "workflows"
         self.platform_user = amqp_username(settings.amqp_url) or "guest"  # the services' broker user
+        self.cache_secret = cache.secret(settings.payload_keys)  # keys the cache's payload digests
 
     # ---- keys and records -------------------------------------------------------------------------
     def _wf_key(self, wf_id: str) -> bytes:
@@ -294,6 +303,7 @@ class WorkflowStore:
             "task_ids": [t.id for t in spec.tasks], "remaining": len(spec.tasks), "parent": parent,
             "reply_to": reply_to, "correlation_id": correlation_id, "idempotency_key": idempotency_key,
             "epoch": 0, "traceparent": traceparent, "owner": owner, "root": wf_id,
+            "budget": spec.budget.model_dump() if spec.budget else None, "usage": usage.zero(),
         }
         parent_wf = self._parent_of(tr, parent)
         if parent_wf is not None:  # a delegated child belongs to its parent's token, and to its family
@@ -310,6 +320,8 @@ class WorkflowStore:
         default_retry = {"base_s": 0.5, "max_s": 30.0}
         for t in spec.tasks:
             task = t.model_dump(mode="json")
+            if t.cache is not None:  # hashed before sealing: a sealed payload differs each time (switchboard.cache)
+                task["cache_payload"] = cache.payload_digest(task["payload"], self.cache_secret)
             if seal is not None:  # the digest above is of the plain spec: a retried submission matches
                 task["payload"] = seal(task["payload"])
             task.update(
@@ -398,7 +410,9 @@ class WorkflowStore:
                 self._take_up(tr, wf_id, out, graphs)
             return graphs, out
 
-        return await self._transact(txn)
+        graphs, out = await self._transact(txn)
+        telemetry.emit_all(out.events)  # the cache lookups of the tasks it queued
+        return graphs, out
 
     def _take_up(self, tr: Transaction, wf_id: str, out: FollowUps, graphs: dict) -> None:
         """Starts a workflow: queues its tasks that wait on nothing (again, if queued already) and notes
@@ -417,7 +431,7 @@ class WorkflowStore:
             graphs[wf_id] = {t["id"]: t["depends_on"] for t in tasks}
         for task in tasks:
             if not task["depends_on"] and task["status"] in ("pending", "queued"):
-                out.dispatch.append(self._queue_task(tr, wf, task, {}))
+                self._queue_task(tr, wf, task, {}, out)
 
     async def taken_in(self, wf_ids: list[str]) -> None:
         def txn(tr: Transaction) -> None:
@@ -426,12 +440,30 @@ class WorkflowStore:
 
         await self.store.transact(txn)
 
-    def _queue_task(self, tr: Transaction, wf: dict, task: dict, inputs: dict) -> Envelope:
+    def _queue_task(self, tr: Transaction, wf: dict, task: dict, inputs: dict, out: FollowUps) -> None:
+        """Queues a task with its inputs (sends it again, if queued already). A pending task with a cache
+        policy whose result is cached fresh succeeds instead, with that result, and is never sent."""
         if task["status"] == "pending":
+            if task.get("cache") and self._from_cache(tr, wf, task, inputs, out):
+                return
             task["status"] = "queued"
             task["queued_at"] = time.time()
             self._write_task(tr, wf["id"], task)
-        return self._task_message(wf, task, inputs, task["attempts"] + 1)
+        out.dispatch.append(self._task_message(wf, task, inputs, task["attempts"] + 1))
+
+    def _from_cache(self, tr: Transaction, wf: dict, task: dict, inputs: dict, out: FollowUps) -> bool:
+        """Looks the task up in the cache (switchboard.cache); on a hit it succeeds with the cached result.
+        Its key is kept on the task, so its own result is cached under the key it was looked up by."""
+        now = time.time()
+        task["cache_key"] = key = cache.key_of(task, wf.get("owner"), inputs, self.cache_secret)
+        entry, outcome = cache.look_up(tr, self.ns, key, now)
+        out.events.append(("cache.looked_up", {"capability": task["capability"], "outcome": outcome}))
+        if entry is None:
+            return False
+        task.update(status="succeeded", result=entry["result"], cached=cache.cached_from(entry), queued_at=now,
+                    finished_at=now, error=None, reason=None)
+        self._succeed(tr, wf, task, out, wf.get("traceparent"))
+        return True
 
     def _task_message(self, wf: dict, task: dict, inputs: dict, attempt: int) -> Envelope:
         return Envelope(
@@ -465,10 +497,10 @@ class WorkflowStore:
                     parents = {p: self._read_task(tr, wf_id, p) for p in task["depends_on"]}
                     if all(p["status"] == "succeeded" for p in parents.values()):
                         inputs = {p_id: p["result"] for p_id, p in parents.items()}
-                        out.dispatch.append(self._queue_task(tr, wf, task, inputs))
+                        self._queue_task(tr, wf, task, inputs, out)
             return out
 
-        return await self._transact(txn)
+        return await self._commit(txn)
 
     def _ready(self, tr: Transaction, wf_id: str, tasks: list[dict]) -> list[str]:
         status = {t["id"]: t["status"] for t in tasks}
@@ -622,6 +654,18 @@ class WorkflowStore:
         if env.type == MessageType.RESULT and tasklog.streamed_to(task, env.attempt) < env.payload.get("streamed", 0):
             raise NotYet(f"the result of attempt {env.attempt} of task {task['id']!r} came ahead of its "
                          "last streamed text")
+        # The attempt's final usage totals (switchboard.usage), counted after its outcome: a workflow
+        # finished by it has no work left to stop.
+        report = usage.parse(env.payload["usage"]) if env.payload.get("usage") is not None else None
+        self._end_attempt(tr, wf, task, env, dead_letter_reason, out, now, started_at)
+        if report is not None:
+            self._take_usage(tr, wf, task, env.attempt, report, out)
+        return out
+
+    def _end_attempt(self, tr: Transaction, wf: dict, task: dict, env: Envelope, dead_letter_reason: str | None,
+                     out: FollowUps, now: float, started_at: float) -> None:
+        """Records the current attempt's result or error: the task succeeds, is retried or fails."""
+        wf_id = wf["id"]
         self._clear_deadline(tr, wf_id, task)
         task["input"] = None
         if env.attempt > task["attempts"]:  # it finished before it ever reported running
@@ -631,17 +675,11 @@ class WorkflowStore:
                         reason=None, ran_on=env.source)
             out.outcomes.append((task["capability"], env.source, True))
             out.events.append(_finished(task, "succeeded"))
-            self._write_task(tr, wf_id, task)
-            out.succeeded += self._succeeded(wf_id, task, env.traceparent)
-            wf["remaining"] -= 1
-            if wf["remaining"] <= 0 and wf["status"] not in TERMINAL_WORKFLOW:
-                result = {t["id"]: t["result"] for t in self._tasks(tr, wf_id) if not t["children"]}
-                self._set_wf_status(tr, wf, "succeeded", result=result, error=None)
-                out.events.append(_workflow_finished(wf))
-                out.replies += self._reply(wf)
-            else:
-                self._write_wf(tr, wf)
-            return out
+            if task.get("cache") and task.get("cache_key"):
+                cache.put(tr, self.ns, task["cache_key"], result=task["result"], workflow_id=wf_id,
+                          task_id=task["id"], capability=task["capability"], ttl_s=task["cache"]["ttl_s"], now=now)
+            self._succeed(tr, wf, task, out, env.traceparent)
+            return
         # An error.
         error = dict(env.payload.get("error") or {"type": "Error", "message": "unknown error"})
         error["attempt"] = env.attempt
@@ -649,7 +687,7 @@ class WorkflowStore:
             if task["status"] == "queued":  # recorded already; the retry may not have been sent
                 out.delayed.append((self._task_message(wf, task, self._inputs(tr, wf_id, task), env.attempt + 1),
                                     0.0))
-            return out
+            return
         task["errors"] = (task["errors"] + [error])[-20:]
         task["error"] = error
         if error.get("retryable", True) and not dead_letter_reason:
@@ -663,7 +701,7 @@ class WorkflowStore:
                                f"{error.get('type')}: {error.get('message', '')}"[:500])
             self._write_task(tr, wf_id, task)
             out.delayed.append((self._task_message(wf, task, self._inputs(tr, wf_id, task), env.attempt + 1), delay))
-            return out
+            return
         task.update(status="failed", finished_at=now)
         out.events.append(_finished(task, "dead_lettered" if dead_letter_reason else "timed_out" if timed_out
                                     else "failed"))
@@ -676,7 +714,66 @@ class WorkflowStore:
         deadletters.put(tr, self.ns, record)
         _note(tr, ("dlq", record.get("id")), lambda: stream.dead_letter_change(record, "added"))
         out.extend(self._fail_workflow(tr, wf, f"task {task['id']!r} failed: {error.get('message', '')}"))
-        return out
+
+    def _succeed(self, tr: Transaction, wf: dict, task: dict, out: FollowUps, traceparent: str | None) -> None:
+        """Records a task that succeeded (the caller set its fields): its dependents are released, and
+        its workflow succeeds with its last task."""
+        wf_id = wf["id"]
+        self._write_task(tr, wf_id, task)
+        out.succeeded += self._succeeded(wf_id, task, traceparent)
+        wf["remaining"] -= 1
+        if wf["remaining"] <= 0 and wf["status"] not in TERMINAL_WORKFLOW:
+            result = {t["id"]: t["result"] for t in self._tasks(tr, wf_id) if not t["children"]}
+            self._set_wf_status(tr, wf, "succeeded", result=result, error=None)
+            out.events.append(_workflow_finished(wf))
+            out.replies += self._reply(wf)
+        else:
+            self._write_wf(tr, wf)
+
+    def _take_usage(self, tr: Transaction, wf: dict, task: dict, attempt: int, report: dict, out: FollowUps) -> None:
+        """Adds what the task's current attempt reported spending to the task, its workflow and that
+        workflow's ancestors (switchboard.usage). The outermost of them over its budget stops, with all it
+        delegated to; so does everything below one stopped for its budget already."""
+        delta = usage.take(task, attempt, report)
+        if delta is None:
+            return
+        self._write_task(tr, wf["id"], task, note=False)
+        out.events.append(("usage.reported", {"capability": task["capability"], **delta}))
+        chain = [wf]
+        while len(chain) <= usage.MAX_DEPTH and (parent := self._parent_of(tr, chain[-1].get("parent"))):
+            chain.append(parent)
+        for w in chain:
+            w["usage"] = usage.add(w.get("usage"), delta)
+            self._write_wf(tr, w)
+        top = next((w for w in reversed(chain) if w["status"] == "budget_exceeded" or (
+            w["status"] not in TERMINAL_WORKFLOW and usage.exceeded(w["usage"], w.get("budget")))), None)
+        if top is None:
+            return
+        self._stop_for_budget(tr, top, chain[:chain.index(top)], out)
+        # The caller may write the task again (a report's "started"): with what the stop made of it.
+        fresh = self._read_task(tr, wf["id"], task["id"])
+        task.clear()
+        task.update(fresh)
+
+    def _stop_for_budget(self, tr: Transaction, top: dict, below: list[dict], out: FollowUps) -> None:
+        """Stops a workflow whose budget was crossed, and its descendants: first those between it and the
+        reporting workflow (`below`), then the others, breadth first, at most usage.STOP_LIMIT."""
+        if top["status"] not in TERMINAL_WORKFLOW:
+            out.extend(self._fail_workflow(tr, top, usage.describe(top["usage"], top["budget"]),
+                                           status="budget_exceeded"))
+        reason = f"the budget of workflow {top['id']} was exceeded"
+        for wf in below:
+            out.extend(self._fail_workflow(tr, wf, reason, status="budget_exceeded"))
+        parents, seen = [top["id"]], 0
+        while parents and seen < usage.STOP_LIMIT:
+            rows = tr.get_range(*prefix_range(self.ns, "children", parents.pop(0)), limit=usage.STOP_LIMIT - seen)
+            seen += len(rows)
+            for key, _ in rows:
+                child_id = unpack(key)[-1]
+                raw = tr.get(self._wf_key(child_id))
+                if raw is not None:
+                    out.extend(self._fail_workflow(tr, orjson.loads(raw), reason, status="budget_exceeded"))
+                    parents.append(child_id)
 
     def _apply_report(self, tr: Transaction, wf: dict, task: dict, env: Envelope, out: FollowUps, *,
                       current: bool) -> None:
@@ -731,6 +828,10 @@ class WorkflowStore:
             self._log(tr, wf, {"event": "input", "task_id": task["id"], "attempt": attempt, "key": key,
                                "question": payload.get("question"), "schema": payload.get("schema"),
                                "timeout_s": timeout_s})
+        elif env.subject == "usage":
+            report = usage.parse(payload)  # a malformed one is dead-lettered, current or not
+            if current:
+                self._take_usage(tr, wf, task, attempt, report, out)
         elif env.subject == "event.publish":
             topic = tasklog.check_topic(payload.get("topic"))
             entry, kept = tasklog.take_published(task, attempt, env.message_id, topic, payload.get("data"))
@@ -976,7 +1077,7 @@ class WorkflowStore:
         out = FollowUps()
         for ready_id in self._ready(tr, wf_id, tasks):
             ready = next(t for t in tasks if t["id"] == ready_id)
-            out.dispatch.append(self._queue_task(tr, wf, ready, self._inputs(tr, wf_id, ready)))
+            self._queue_task(tr, wf, ready, self._inputs(tr, wf_id, ready), out)
         return out
 
     # ---- key rotation --------------------------------------------------------------------------------
@@ -984,7 +1085,7 @@ class WorkflowStore:
         """Seals every stored payload and result that an older key sealed with the codec's current key, a
         batch of records a transaction; returns how many records changed."""
         changed = 0
-        for kind in ("task", "wf"):
+        for kind in ("task", "wf", "cache"):  # cached results too: a hit must open with the keys kept
             begin, end = prefix_range(self.ns, kind)
             while True:
                 def txn(tr: Transaction, begin=begin) -> tuple[int, bytes | None]:
@@ -998,6 +1099,8 @@ class WorkflowStore:
                         if kind == "task":
                             new = {"payload": codec.reseal(record.get("payload")),
                                    "result": codec.reseal(record.get("result"))}
+                        elif kind == "cache":
+                            new = {"result": codec.reseal(record.get("result"))}
                         else:
                             result = record.get("result")
                             new = {"result": {k: codec.reseal(v) for k, v in result.items()}
@@ -1014,6 +1117,24 @@ class WorkflowStore:
                 if begin is None:
                     break
         return changed
+
+    # ---- the result cache ----------------------------------------------------------------------------
+    async def expire_cache(self, limit: int = cache.EXPIRE_BATCH) -> int:
+        """Drops up to `limit` expired cache entries; returns how many (the coordinator's watchdog calls it)."""
+
+        def txn(tr: Transaction) -> int:
+            return cache.expire(tr, self.ns, time.time(), limit)
+
+        return await self.store.transact(txn)
+
+    async def cache_entry(self, wf_id: str, task_id: str) -> dict | None:
+        """The cache entry of the task's key, as stored (an expired one, until it is dropped), or None."""
+
+        def txn(tr: Transaction) -> dict | None:
+            key = self._read_task(tr, wf_id, task_id).get("cache_key")
+            return cache.entry(tr, self.ns, key) if key else None
+
+        return await self.store.read(txn)
 
     # ---- queries ---------------------------------------------------------------------------------
     async def get(self, wf_id: str) -> dict:

@@ -378,7 +378,7 @@ def create_app(service: Api) -> FastAPI:
     @app.get("/v1/workflows", responses=answers(401, 403, 422, 429))
     async def list_workflows(
         request: Request,
-        status: Annotated[str | None, Query(pattern="^(pending|running|succeeded|failed|cancelled)$")] = None,
+        status: Annotated[str | None, Query(pattern="^(pending|running|succeeded|failed|cancelled|budget_exceeded)$")] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 50,
         after: Annotated[str | None, Query(description="workflow_id of the previous page's last item")] = None,
         who: Principal = Depends(allow("read", own="workflows.read_own")),

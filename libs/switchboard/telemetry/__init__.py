@@ -21,6 +21,8 @@ Events (name: fields):
   amqp.reconnected: (none)                      store.transaction: operation, seconds, conflicts
   agents.counted: counts ({status: n})          dead_letters.counted: counts ({reason: n})
   workflows.sampled: in_flight, queued ({priority: n}), dependencies_pending
+  cache.looked_up: capability, outcome (hit, miss, expired)
+  usage.reported: capability, tokens, cost   (what a task's report added: switchboard.usage)
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ from typing import Any
 EVENTS = frozenset({
     "task.submitted", "task.queued", "task.started", "task.finished", "workflow.finished",
     "dead_letter.replayed", "breaker.changed", "message.published", "message.consumed", "amqp.reconnected",
-    "store.transaction", "agents.counted", "dead_letters.counted", "workflows.sampled",
+    "store.transaction", "agents.counted", "dead_letters.counted", "workflows.sampled", "cache.looked_up",
+    "usage.reported",
 })
 _METHODS = {"on_" + name.replace(".", "_"): name for name in EVENTS}
 HOOKS = ("consume", "publish", "run_task", "http_request", "batch")

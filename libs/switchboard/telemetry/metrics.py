@@ -56,6 +56,12 @@ MESSAGES_PUBLISHED = Counter("switchboard_messages_published_total", "Messages t
 MESSAGES_CONSUMED = Counter("switchboard_messages_consumed_total", "Messages consumed and settled",
                             ["kind", "outcome"])
 AMQP_RECONNECTS = Counter("switchboard_amqp_reconnects_total", "Broker connections restored")
+CACHE_LOOKUPS = Counter("switchboard_cache_lookups_total", "Result cache lookups of tasks with a cache policy, "
+                        "by outcome (hit, miss, expired)", ["capability", "outcome"])
+USAGE_TOKENS = Counter("switchboard_usage_tokens_total", "Tokens that handlers reported spending (counted once, "
+                       "in the store)", ["capability"])
+USAGE_COST = Counter("switchboard_usage_cost_total", "Cost that handlers reported (in their unit; counted once, "
+                     "in the store)", ["capability"])
 STORE_CONFLICTS = Counter("switchboard_store_conflicts_total", "State store transactions retried after a "
                           "conflict or a busy lock")
 
@@ -93,6 +99,8 @@ class Metrics(Plugin):
         self.workflows, self.workflow_seconds = _Children(WORKFLOWS_FINISHED), _Children(WORKFLOW_SECONDS)
         self.published, self.consumed = _Children(MESSAGES_PUBLISHED), _Children(MESSAGES_CONSUMED)
         self.store_seconds, self.http_seconds = _Children(STORE_SECONDS), _Children(HTTP_SECONDS)
+        self.cache_lookups, self.usage_tokens, self.usage_cost = (_Children(CACHE_LOOKUPS), _Children(USAGE_TOKENS),
+                                                                  _Children(USAGE_COST))
 
     async def run_task(self, run: TaskRun, call_next) -> Any:
         gauge = self.in_flight(run.capability)
@@ -162,3 +170,10 @@ class Metrics(Plugin):
         for priority in PRIORITIES:
             TASKS_QUEUED.labels(priority).set(queued.get(priority, 0))
         DEPENDENCIES_PENDING.set(dependencies_pending)
+
+    def on_cache_looked_up(self, capability: str, outcome: str) -> None:
+        self.cache_lookups(capability, outcome).inc()
+
+    def on_usage_reported(self, capability: str, tokens: int, cost: float) -> None:
+        self.usage_tokens(capability).inc(tokens)
+        self.usage_cost(capability).inc(cost)

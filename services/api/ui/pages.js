@@ -5,8 +5,8 @@ import { api, followWorkflow, query } from "./api.js";
 import { drawDag, setStatus } from "./dag.js";
 import { ago, badge, confirmDialog, flash, h, json, time } from "./util.js";
 
-const TERMINAL = new Set(["succeeded", "failed", "cancelled"]);
-const STATUSES = ["", "pending", "running", "succeeded", "failed", "cancelled"];
+const TERMINAL = new Set(["succeeded", "failed", "cancelled", "budget_exceeded"]);
+const STATUSES = ["", "pending", "running", "succeeded", "failed", "cancelled", "budget_exceeded"];
 
 // Runs fn at most once per `ms`, the last call winning: a burst of events is one reload.
 function debounced(fn, ms = 250) {
