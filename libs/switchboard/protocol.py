@@ -119,8 +119,8 @@ class Budget(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    tokens: int | None = Field(None, ge=0, strict=True)
-    cost: float | None = Field(None, ge=0, strict=True)
+    tokens: int | None = Field(None, ge=0, le=2**63 - 1, strict=True)
+    cost: float | None = Field(None, ge=0, le=1e15, strict=True)
 
 
 class TaskSpec(BaseModel):

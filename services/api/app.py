@@ -29,6 +29,7 @@ from switchboard.workflows import (TERMINAL_WORKFLOW, IdempotencyConflict, Inval
 from services.api.auth import Guard, Refused
 from services.api.console import mount_console
 from services.api.events import EventStream
+from services.api.schedules import add_routes as add_schedules
 from services.api.workflow_events import add_routes as add_workflow_events
 
 if TYPE_CHECKING:
@@ -141,6 +142,15 @@ def _allowed(app: FastAPI, scope) -> list[str]:
     matching = [r for r in app.router.routes if isinstance(r, Route) and r.matches(scope)[0] != Match.NONE]
     fewest = min((len(r.param_convertors) for r in matching), default=0)
     return sorted({m for r in matching if len(r.param_convertors) == fewest for m in r.methods or ()})
+
+
+def check_workflow(spec: WorkflowSpec, settings) -> None:
+    """The rules a schema cannot say (ids, dependencies, sizes), as the API's error: 413 or 422."""
+    try:
+        validate_workflow(spec, max_payload_bytes=settings.max_payload_bytes,
+                          max_tasks=settings.max_tasks_per_workflow)
+    except InvalidSpec as exc:
+        raise ApiError(413 if exc.code == "payload_too_large" else 422, exc.code, str(exc)) from exc
 
 
 def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
@@ -288,12 +298,7 @@ def create_app(service: Api) -> FastAPI:
     allow = guard.allow
 
     def check(spec: WorkflowSpec) -> None:
-        try:
-            validate_workflow(spec, max_payload_bytes=settings.max_payload_bytes,
-                              max_tasks=settings.max_tasks_per_workflow)
-        except InvalidSpec as exc:
-            status = 413 if exc.code == "payload_too_large" else 422
-            raise ApiError(status, exc.code, str(exc)) from exc
+        check_workflow(spec, settings)
 
     async def submit(specs: list[WorkflowSpec], key: str | None, who: Principal) -> tuple[list[str], list[str]]:
         """Stores the workflows; returns their ids and the ids of those that started at once."""
@@ -350,6 +355,7 @@ def create_app(service: Api) -> FastAPI:
         return view
 
     add_workflow_events(app, service, allow, visible)
+    add_schedules(app, service, allow)
 
     def opened(view: dict) -> dict:
         """The view with its results opened, for a reader allowed to see it. A value sealed with a key this

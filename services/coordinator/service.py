@@ -8,6 +8,7 @@ succeeded, RQ says which dependents are now ready, and they are queued with thei
 RQ's data is derived: if Redis loses it (a sentinel key disappears, or RQ no longer knows a job), the
 coordinator rebuilds it from the state store. A sweep takes in workflows that were stored but never
 announced or whose tasks were never queued (the api died in between); the watchdog fails attempts whose agent hung or vanished.
+Every coordinator also submits the workflows of due schedules (switchboard.schedules), each tick once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from switchboard.control import message as control_message
 from switchboard.deps import DependencyGraph
 from switchboard.protocol import Envelope, InvalidSpec, MessageType, WorkflowSpec, validate_workflow
 from switchboard.runtime import Service
+from switchboard.schedules import Scheduler, Schedules
 from switchboard.telemetry import Batch, Cause
 from switchboard.workflows import FollowUps, NotFound, WorkflowStore
 
@@ -36,6 +38,7 @@ INTAKE_SWEEP_S = 5.0
 WATCHDOG_S = 1.0
 REDIS_CHECK_S = 1.0
 SAMPLE_S = 5.0
+SCHEDULES_S = 1.0  # due schedules are looked for this often: a tick is submitted within about this long
 
 
 class Coordinator(Service):
@@ -64,6 +67,8 @@ class Coordinator(Service):
         self.every(WATCHDOG_S, self._watchdog, "timeout watchdog")
         self.every(REDIS_CHECK_S, self._check_redis, "redis check")
         self.every(SAMPLE_S, self._sample, "workflow sampling")
+        scheduler = Scheduler(Schedules(self.store, self.settings), self.workflows, self.bus, self.routes, self.take_in)
+        self.every(SCHEDULES_S, scheduler.run_due, "schedules")
 
     async def teardown(self) -> None:
         self.rq_thread.shutdown(wait=False, cancel_futures=True)
@@ -173,6 +178,7 @@ class Coordinator(Service):
         if out.dispatch or out.delayed or out.control:
             log.warning("watchdog: %d attempts overdue", len(out.outcomes))
         await out.publish(self.bus)
+        await self.workflows.expire_cache()  # drops expired result-cache entries, a bounded number a round
 
     async def _sample(self) -> None:
         """Workflows in flight, tasks queued by priority and tasks waiting for parents, for the metrics."""
