@@ -218,7 +218,9 @@ async def wait_processes_ready(client: httpx.AsyncClient, settings: Settings, po
     await wait_for(all_ready, timeout=60, what="every process ready", on_timeout=exited)
 
     async def agents_alive() -> bool:
-        agents = (await client.get(f"http://127.0.0.1:{settings.api_port}/v1/agents")).json()["agents"]
-        return {a["name"] for a in agents if a["status"] == "alive"} >= set(EXAMPLE_AGENTS)
+        response = await client.get(f"http://127.0.0.1:{settings.api_port}/v1/agents")
+        if response.status_code != 200:  # the api is up but not every dependency yet: ask again
+            return False
+        return {a["name"] for a in response.json()["agents"] if a["status"] == "alive"} >= set(EXAMPLE_AGENTS)
 
     await wait_for(agents_alive, what="example agents registered")

@@ -345,6 +345,7 @@ async def test_overlap_allow_submits_every_tick_while_runs_are_still_going(platf
         for wfs in (await scheduled(platform, "concurrent")).values():
             assert wfs[0]["status"] in ("pending", "running")  # none has finished: they overlap
     finally:
+        await platform.client.delete("/v1/schedules/concurrent")  # no more ticks while the platform stops
         release.set()
 
 
