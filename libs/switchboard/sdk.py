@@ -134,7 +134,7 @@ class TaskContext:
         self._usage = {"tokens": 0, "cost": 0.0, "n": 0}  # this attempt's running totals (switchboard.usage)
         self._slot = slot
         self._timeout: asyncio.Timeout | None = None  # the task's timeout, paused while it waits for an answer
-        self.reporter = Reporter(self._send_report)
+        self.reporter = Reporter(functools.partial(self._report, "report"))
 
     # ---- progress, streaming, checkpoints, questions, events ------------------------------------------
     async def progress(self, message: str | None = None, percent: float | None = None, data: Any = None) -> None:
@@ -152,9 +152,7 @@ class TaskContext:
     async def checkpoint(self, state: Any) -> None:
         """Stores `state` (JSON, at most the payload limit) durably: it has been committed when this
         returns, and every later attempt of the task starts with it as `checkpoint_state`."""
-        size = len(orjson.dumps(state))
-        if size > self.agent.settings.max_payload_bytes:
-            raise ValueError(f"checkpoint is {size} bytes, the limit is {self.agent.settings.max_payload_bytes}")
+        self.agent._check_size("checkpoint", state)
         await self.reporter.flush()
         self._checkpoints += 1
         sealed = self.agent.codec.seal(state)
@@ -214,15 +212,15 @@ class TaskContext:
         usage.check_amounts(tokens, cost)
         self._usage = {"tokens": self._usage["tokens"] + tokens, "cost": self._usage["cost"] + float(cost),
                        "n": self._usage["n"] + 1}
-        await self.agent.bus.publish(self._message(MessageType.STATUS, "usage", dict(self._usage)),
-                                     self.agent.bus.topology.results)
+        await self._report("usage", dict(self._usage))
 
     def _message(self, kind: MessageType, subject: str, payload: dict) -> Envelope:
         return Envelope(type=kind, subject=subject, source=self.agent.name, workflow_id=self.workflow_id,
                         task_id=self.task_id, attempt=self.attempt, payload=payload)
 
-    async def _send_report(self, payload: dict) -> None:
-        await self.agent.bus.publish(self._message(MessageType.STATUS, "report", payload),
+    async def _report(self, subject: str, payload: dict) -> None:
+        """A status report of this attempt to the aggregator (switchboard.tasklog, switchboard.usage)."""
+        await self.agent.bus.publish(self._message(MessageType.STATUS, subject, payload),
                                      self.agent.bus.topology.results)
 
     async def run_workflow(self, tasks: list[dict], *, name: str | None = None) -> dict:
@@ -301,12 +299,15 @@ class Agent(runtime.Service):
 
     async def _publish(self, env: Envelope, topic: str, data: Any) -> str:
         tasklog.check_topic(topic)
-        size = len(orjson.dumps(data))
-        if size > self.settings.max_payload_bytes:
-            raise ValueError(f"event data is {size} bytes, the limit is {self.settings.max_payload_bytes}")
+        self._check_size("event data", data)
         env.payload = {"topic": topic, "data": data}
         await self.bus.publish(env, self.bus.topology.results)  # the aggregator passes it on, once recorded
         return env.message_id
+
+    def _check_size(self, what: str, value: Any) -> None:
+        size = len(orjson.dumps(value))
+        if size > self.settings.max_payload_bytes:
+            raise ValueError(f"{what} is {size} bytes, the limit is {self.settings.max_payload_bytes}")
 
     @property
     def capabilities(self) -> list[str]:
@@ -322,13 +323,10 @@ class Agent(runtime.Service):
         await self.subscribe_control(self._on_control)
         self._consumers.append(await self.bus.consume_private(self._on_reply, name=self.reply_queue))
         if self.subscriptions:
-            channel = self.bus._channel
-            queue = await topology.declare_subscription(channel, self.name, sorted(self.subscriptions),
+            # An agent with a broker user of its own finds its queue declared (agent-credentials create)
+            # and only binds its patterns to it.
+            queue = await topology.declare_subscription(self.bus._channel, self.name, sorted(self.subscriptions),
                                                         passive=self.bus.restricted)
-            if self.bus.restricted:  # declared by agent-credentials create; the agent binds its patterns
-                amqp_queue = await channel.declare_queue(queue, passive=True)
-                for pattern in sorted(self.subscriptions):
-                    await amqp_queue.bind(topology.topics, routing_key=pattern)
             await self.consume(queue, self._on_event, prefetch=self.concurrency)
         self._tasks = await self.consume(queues, self._on_task, prefetch=self.concurrency, paused=True,
                                          arguments={"x-consumer-timeout": _CONSUMER_TIMEOUT_MS})

@@ -111,7 +111,7 @@ def streamed_to(task: dict, attempt: int) -> int:
     return stream.get("offset", 0) if stream.get("attempt") == attempt else 0
 
 
-def take_progress(task: dict, attempt: int, progress: dict) -> dict | None:
+def take_progress(wf_id: str, task: dict, attempt: int, progress: dict) -> dict | None:
     """Keeps the newest progress of the newest attempt; returns its live change, or None if older."""
     current = task.get("progress") or {}
     number = progress.get("n", 0)
@@ -119,7 +119,7 @@ def take_progress(task: dict, attempt: int, progress: dict) -> dict | None:
         return None
     task["progress"] = {"message": progress.get("message"), "percent": progress.get("percent"),
                         "data": progress.get("data"), "attempt": attempt, "n": number, "at": time.time()}
-    return {"event": "progress", "at": time.time(), "workflow_id": None, "task_id": task["id"],
+    return {"event": "progress", "at": time.time(), "workflow_id": wf_id, "task_id": task["id"],
             "attempt": attempt, "progress": task["progress"]}
 
 

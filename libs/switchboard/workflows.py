@@ -636,11 +636,10 @@ class WorkflowStore:
                 task.update(status="running", attempts=env.attempt, started_at=started_at, reason=None,
                             ran_on=env.source, waited_s=0.0)
                 self._set_deadline(tr, wf_id, task)
-            if env.subject not in ("", "started"):
+                self._write_task(tr, wf_id, task)
+            if env.subject not in ("", "started"):  # a report writes what it changes itself
                 current = task["status"] not in TERMINAL_TASK and env.attempt == task["attempts"]
                 self._apply_report(tr, wf, task, env, out, current=current)
-            if started:
-                self._write_task(tr, wf_id, task)
             return out
         if task["status"] in TERMINAL_TASK or env.attempt < task["attempts"]:
             if env.attempt >= task["attempts"]:
@@ -750,10 +749,6 @@ class WorkflowStore:
         if top is None:
             return
         self._stop_for_budget(tr, top, chain[:chain.index(top)], out)
-        # The caller may write the task again (a report's "started"): with what the stop made of it.
-        fresh = self._read_task(tr, wf["id"], task["id"])
-        task.clear()
-        task.update(fresh)
 
     def _stop_for_budget(self, tr: Transaction, top: dict, below: list[dict], out: FollowUps) -> None:
         """Stops a workflow whose budget was crossed, and its descendants: first those between it and the
@@ -788,9 +783,9 @@ class WorkflowStore:
                 raise NotYet(str(exc)) from None
             if entry is not None:
                 self._log(tr, wf, entry, kept=kept)
-            change = tasklog.take_progress(task, attempt, payload["progress"]) if payload.get("progress") else None
+            progress = payload.get("progress")
+            change = tasklog.take_progress(wf_id, task, attempt, progress) if progress else None
             if change is not None:
-                change["workflow_id"] = wf_id
                 _note(tr, ("progress", wf_id, task["id"]), lambda: change)
             self._write_task(tr, wf_id, task, note=False)
         elif env.subject == "checkpoint":

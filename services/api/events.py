@@ -39,6 +39,12 @@ WORKFLOW_EVENTS = frozenset(EVENTS) - {"agents", "dlq", "control"}  # those that
 NOT_PLAIN = frozenset({"chunk"})  # too many for the platform-wide stream (see the docstring)
 
 
+def frame(kind: str, data: dict, seq: int | None = None) -> bytes:
+    """One server-sent event: `id:` (if any), `event:`, and `data:` as JSON."""
+    head = b"" if seq is None else b"id: %d\n" % seq
+    return head + b"event: %s\ndata: %s\n\n" % (kind.encode(), orjson.dumps(data))
+
+
 class Client:
     """One connected stream. With a workflow id, only that workflow's events and its children's: a child
     is recognised by its workflow change, whose parent is in the family, or by a "child" entry of a
@@ -127,14 +133,13 @@ class EventHub:
             if not isinstance(change, dict) or change.get("event") not in EVENTS:
                 continue
             self.sequence += 1
-            frame = None  # rendered once, for every plain client that wants it
+            rendered = None  # once, for every plain client that wants it
             for client in list(self.clients):
                 if not client.wants(change):
                     continue
-                if not client.raw and frame is None:
-                    frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (self.sequence, change["event"].encode(),
-                                                                 orjson.dumps(change))
-                if not client.offer(change if client.raw else frame):
+                if not client.raw and rendered is None:
+                    rendered = frame(change["event"], change, self.sequence)
+                if not client.offer(change if client.raw else rendered):
                     self.clients.discard(client)
                     self.cut_off += 1
                     log.warning("event stream client cut off: %d events behind", self.client_queue)

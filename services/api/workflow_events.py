@@ -33,7 +33,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Annotated
 
-import orjson
 from fastapi import Depends, Header, Query, Request
 from fastapi.responses import Response
 
@@ -41,7 +40,7 @@ from switchboard import stream
 from switchboard.tokens import Principal
 from switchboard.workflows import TERMINAL_WORKFLOW
 
-from services.api.events import KNOWN_CHILDREN, EventStream
+from services.api.events import KNOWN_CHILDREN, EventStream, frame
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -65,11 +64,6 @@ EVENT_SCHEMA = {"type": "object", "required": ["event", "data"], "properties": {
     "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"type": "object"}},
     "id": {"type": "string", "pattern": "^[0-9]+$", "description": "a position in the family's log"},
     "retry": {"type": "string"}}}
-
-
-def frame(kind: str, data: dict, seq: int | None = None) -> bytes:
-    head = b"" if seq is None else b"id: %d\n" % seq
-    return head + b"event: %s\ndata: %s\n\n" % (kind.encode(), orjson.dumps(data))
 
 
 def summary(view: dict) -> dict:
