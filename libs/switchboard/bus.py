@@ -164,8 +164,10 @@ class Consumer:
             _, late = await asyncio.wait(set(self._in_flight), timeout=drain_timeout_s)
             for task in late:
                 task.cancel()
-            if late:
-                await asyncio.wait(late)
+            if late:  # bounded too: a handler that swallows its cancellation must not hold up the stop
+                _, stuck = await asyncio.wait(late, timeout=drain_timeout_s)
+                if stuck:
+                    log.warning("%d handlers did not stop when cancelled; closing their channel", len(stuck))
         if not self._channel.is_closed:
             await self._channel.close()
 

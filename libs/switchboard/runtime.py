@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # Every message allocates a few dozen short-lived objects; CPython's default (700, 10, 10) then collects
 # hundreds of times a second under load. Fewer, larger young collections cost less in all.
 _GC_THRESHOLDS = (20_000, 50, 100)
+_CANCEL_WAIT_S = 5.0
 
 
 class Service:
@@ -65,7 +66,10 @@ class Service:
                 await consumer.stop()
             for task in self._background:
                 task.cancel()
-            await asyncio.gather(*self._background, return_exceptions=True)
+            if self._background:  # bounded: a task that swallowed its cancellation must not hold up the stop
+                _, stuck = await asyncio.wait(self._background, timeout=_CANCEL_WAIT_S)
+                for task in stuck:
+                    log.warning("%s: background task %s did not stop when cancelled", self.name, task.get_name())
             await self.teardown()
         finally:
             self._consumers.clear()
