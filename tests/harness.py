@@ -135,7 +135,7 @@ async def cleanup(settings: Settings, queues: set[str], *, broker: bool = True, 
         connection = await aio_pika.connect(settings.amqp_url)
         try:
             for name in queues | {topology.dispatch, topology.coordinator, topology.results, topology.registry,
-                                  topology.dlq, topology.replay}:
+                                  topology.dlq, topology.replay, topology.limits}:
                 channel = await connection.channel()
                 try:
                     await channel.queue_delete(name)
@@ -164,23 +164,32 @@ EXAMPLE_AGENTS = ("echo-agent", "sleep-agent", "fail-agent", "planner-agent", "w
 EXAMPLE_SUBSCRIBERS = ("announcer-agent",)
 
 
+def process_env(settings: Settings, env: dict | None = None) -> dict:
+    """The environment of a process of this platform (`switchboard serve`, or a test's agent)."""
+    return {**os.environ, "SWITCHBOARD_AMQP_URL": settings.amqp_url, "SWITCHBOARD_REDIS_URL": settings.redis_url,
+            "SWITCHBOARD_STORE_URL": settings.store_url, "SWITCHBOARD_NAMESPACE": settings.namespace,
+            "SWITCHBOARD_API_PORT": str(settings.api_port), "SWITCHBOARD_HEARTBEAT_INTERVAL_S": "0.2",
+            **(env or {})}
+
+
+async def serve_process(settings: Settings, name: str, health_port: int, env: dict | None = None):
+    """`switchboard serve <name>` (a service, or "agents": the example agents) as a process of its own."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "switchboard.cli", "serve", name,
+        env={**process_env(settings, env), "SWITCHBOARD_HEALTH_PORT": str(health_port)},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+
+
 @contextlib.asynccontextmanager
 async def service_processes(settings: Settings, env: dict | None = None):
     """Every service and the example agents, each a `switchboard serve` process of its own, as in
     production; yields ({name: process}, {name: health port}). Output is piped: read it after SIGTERM."""
     procs: dict[str, asyncio.subprocess.Process] = {}
     ports: dict[str, int] = {}
-    common = {**os.environ, "SWITCHBOARD_AMQP_URL": settings.amqp_url, "SWITCHBOARD_REDIS_URL": settings.redis_url,
-              "SWITCHBOARD_STORE_URL": settings.store_url, "SWITCHBOARD_NAMESPACE": settings.namespace,
-              "SWITCHBOARD_API_PORT": str(settings.api_port), "SWITCHBOARD_HEARTBEAT_INTERVAL_S": "0.2",
-              **(env or {})}
     try:
         for name in (*ALL_SERVICES, "agents"):
             ports[name] = settings.api_port if name == "api" else free_port()
-            procs[name] = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "switchboard.cli", "serve", name,
-                env={**common, "SWITCHBOARD_HEALTH_PORT": str(ports[name])},
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            procs[name] = await serve_process(settings, name, ports[name], env)
         yield procs, ports
     finally:
         for proc in procs.values():

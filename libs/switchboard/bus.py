@@ -60,12 +60,24 @@ class Consumer:
         self._raw = raw
         self._arguments = arguments
         self._tags: list[tuple[AbstractQueue, str]] = []
+        self._active = False  # consuming (started and not paused), so a queue added is consumed at once
         self._in_flight: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        self._active = True
         for queue in self._queues:
-            tag = await queue.consume(functools.partial(self._deliver, queue.name), arguments=self._arguments)
-            self._tags.append((queue, tag))
+            await self._start(queue)
+
+    async def _start(self, queue: AbstractQueue) -> None:
+        tag = await queue.consume(functools.partial(self._deliver, queue.name), arguments=self._arguments)
+        self._tags.append((queue, tag))
+
+    async def add(self, name: str) -> None:
+        """Consumes one more (existing) queue on this channel, with the same prefetch."""
+        queue = await self._channel.declare_queue(name, passive=True)
+        self._queues.append(queue)
+        if self._active:
+            await self._start(queue)
 
     @property
     def consuming(self) -> bool:
@@ -74,6 +86,7 @@ class Consumer:
     async def pause(self) -> None:
         """Take no more messages; in-flight ones go on and are acked on this channel as usual."""
         tags, self._tags = self._tags, []
+        self._active = False
         if not self._channel.is_closed:
             for queue, tag in tags:
                 try:
@@ -82,7 +95,7 @@ class Consumer:
                     pass
 
     async def resume(self) -> None:
-        if not self._tags:
+        if not self._active:
             await self.start()
 
     async def _deliver(self, queue: str, message: AbstractIncomingMessage) -> None:
@@ -179,6 +192,7 @@ class Bus:
         self.topology = Topology(settings.namespace)
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
+        self._probe: AbstractChannel | None = None
         self._declared: set[str] = set()
         self._exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
         # Every message's user_id; none when the URL names no user (EXTERNAL auth: the name is not known here).
@@ -222,6 +236,19 @@ class Bus:
     @property
     def is_connected(self) -> bool:
         return self.connection is not None and not self.connection.is_closed
+
+    async def queue_depth(self, name: str) -> int:
+        """The messages ready in a queue (0 if there is no such queue), read on a plain channel of its
+        own: the broker closes the channel of a passive declaration that finds nothing."""
+        if self._probe is None or self._probe.is_closed:
+            self._probe = aio_pika.Channel(self.connection)
+            await self._probe
+        try:
+            queue = await self._probe.declare_queue(name, passive=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            self._probe = None
+            return 0
+        return queue.declaration_result.message_count or 0
 
     async def ensure_work_queue(self, name: str) -> None:
         if name in self._declared:

@@ -10,13 +10,17 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from switchboard import limits
+
 __all__ = [
     "Budget",
     "CachePolicy",
+    "ConcurrencyLimit",
     "Envelope",
     "InvalidSpec",
     "MessageType",
     "Priority",
+    "RateLimit",
     "TaskSpec",
     "WorkflowSpec",
     "ValidationError",
@@ -114,6 +118,25 @@ class CachePolicy(BaseModel):
     key: str | None = Field(None, min_length=1, max_length=256)
 
 
+class RateLimit(BaseModel):
+    """Tasks under one key start at most per_s a second, after a first `burst` at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, max_length=256, description='a template over the task: "tenant:{payload.tenant}"')
+    per_s: float = Field(gt=0, le=1_000_000, strict=True)
+    burst: int = Field(1, ge=1, le=1_000_000, strict=True)
+
+
+class ConcurrencyLimit(BaseModel):
+    """At most `max` tasks under one key run at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(min_length=1, max_length=256, description='a template over the task: "tenant:{payload.tenant}"')
+    max: int = Field(ge=1, le=1_000_000, strict=True)
+
+
 class Budget(BaseModel):
     """What a workflow (its child workflows included) may spend, as its handlers report it."""
 
@@ -137,6 +160,8 @@ class TaskSpec(BaseModel):
     agent: str | None = Field(None, min_length=1, max_length=128, description="Route to this agent only.")
     retry: RetryPolicy | None = None
     cache: CachePolicy | None = None
+    rate_limit: RateLimit | None = None
+    concurrency: ConcurrencyLimit | None = None
 
     @field_validator("depends_on")
     @classmethod
@@ -173,6 +198,12 @@ def validate_workflow(spec: WorkflowSpec, *, max_payload_bytes: int, max_tasks: 
                               "integers must fit in 64 bits and strings must be valid Unicode") from exc
         if size > max_payload_bytes:
             raise InvalidSpec("payload_too_large", f"task {task.id!r}: payload is {size} bytes, the limit is {max_payload_bytes}")
+        for limit in (task.rate_limit, task.concurrency):
+            if limit is not None:
+                try:
+                    limits.render(limit.key, task.model_dump(mode="json"))
+                except limits.BadTemplate as exc:
+                    raise InvalidSpec("invalid_limit_key", f"task {task.id!r}: {exc}") from exc
     for task in spec.tasks:
         for parent in task.depends_on:
             if parent not in ids:

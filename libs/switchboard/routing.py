@@ -3,8 +3,8 @@ operator's controls and the circuit breakers, kept fresh by whoever routes.
 
 The dispatcher routes every case. Services that publish ready tasks (coordinator, aggregator, api)
 consult the same knowledge to send a task straight to its capability queue when nothing stands in its
-way: one hop fewer in the common case. Everything else (a named agent, no live agent, a pause, an open
-breaker) goes to the dispatcher.
+way: one hop fewer in the common case. Everything else (a named agent, limits, no live agent, a pause, an
+open breaker) goes to the dispatcher.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Routes:
     def direct(self, env: Envelope) -> str | None:
         """The capability whose queue this task can go to straight away, or None (ask the dispatcher)."""
         capability = env.payload.get("capability")
-        if (not self.known or env.payload.get("agent") or capability not in self.live_capabilities
-                or self.blocked(capability)):
+        if (not self.known or env.payload.get("agent") or env.payload.get("limits")
+                or capability not in self.live_capabilities or self.blocked(capability)):
             return None
         return capability

@@ -12,6 +12,8 @@ Flow:  api ──workflow.submitted──▶ coordinator ──ready task──�
                   nowhere else (see switchboard.credentials)
        api ──replay requests──▶ replay ──▶ dlq-replayer (rate-limited)
        control (fanout): pause, resume, stop-all, cancel ──▶ every dispatcher and agent
+       dispatcher ──a task with limits──▶ limited.<gate id> ──(admitted: switchboard.limits)──▶ cap.<capability>
+       aggregator ──limits.released (slots freed)──▶ limits ──▶ a dispatcher, which admits who waits
        agent ──event.publish──▶ results ──▶ aggregator (logs a task's) ──▶ topics (topic exchange)
                   ──▶ sub.<agent name> (one queue per agent name, bound to its patterns: its replicas share it)
 """
@@ -75,6 +77,10 @@ class Topology:
         return f"{self.namespace}.topics"
 
     @property
+    def limits(self) -> str:
+        return f"{self.namespace}.limits"
+
+    @property
     def agent_out(self) -> str:
         return f"{self.namespace}.agent-out"
 
@@ -107,13 +113,16 @@ class Topology:
     def paused_queue(self, capability: str) -> str:
         return f"{self.namespace}.paused.{capability}"
 
+    def limited_queue(self, gate_id: str) -> str:
+        return f"{self.namespace}.limited.{gate_id}"
+
     def delay_queue(self, target: str, delay_ms: int) -> str:
         return f"{target}.delay.{delay_ms}"
 
     def kind(self, name: str) -> str:
         """What a queue or exchange is for, without the ids in its name: dispatch, cap, agent, hold, paused,
-        results, delay, control, reply, dlq, coordinator, registry, replay, events, topics or sub (the
-        metrics' label)."""
+        results, delay, control, reply, dlq, coordinator, registry, replay, events, topics, sub, limited
+        or limits (the metrics' label)."""
         return _kind(self.namespace, name)
 
     def _arguments(self, *, priority: bool) -> dict:
@@ -137,6 +146,7 @@ class Topology:
             (self.results, False),
             (self.registry, False),
             (self.replay, False),
+            (self.limits, False),
         ):
             queue = await channel.declare_queue(name, durable=True, arguments=self._arguments(priority=priority))
             if name in self.agent_out_targets:
@@ -152,7 +162,7 @@ class Topology:
             await channel.declare_queue(name, passive=True)
 
     async def declare_work_queue(self, channel: AbstractChannel, name: str, *, ttl_s: float | None = None) -> None:
-        """A capability, agent, hold or paused queue: durable, so queued tasks outlive every process.
+        """A capability, agent, hold, paused or limited queue: durable, so queued tasks outlive every process.
         A hold queue has a TTL: what no agent took by then is dead-lettered, reason "expired"."""
         arguments = self._arguments(priority=True)
         if ttl_s is not None:
@@ -191,7 +201,7 @@ class Topology:
 _KINDS = {"dispatch": "dispatch", "cap": "cap", "agent": "agent", "hold": "hold", "paused": "paused",
           "results": "results", "coordinator": "coordinator", "registry": "registry", "replay": "replay",
           "dlq": "dlq", "dlx": "dlq", "control": "control", "events": "events", "reply": "reply",
-          "topics": "topics", "sub": "sub"}
+          "topics": "topics", "sub": "sub", "limited": "limited", "limits": "limits"}
 
 
 @functools.lru_cache(maxsize=4096)  # bounded: reply queues' names are new with every agent process

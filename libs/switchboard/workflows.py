@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from switchboard import cache, deadletters, stream, tasklog, telemetry, usage
+from switchboard import cache, deadletters, limits, stream, tasklog, telemetry, usage
 from switchboard.protocol import Envelope, MessageType, Priority, WorkflowSpec, new_id
 from switchboard.settings import Settings, amqp_username
 from switchboard.state import Store, Transaction, pack, prefix_range, unpack
@@ -101,6 +101,8 @@ class FollowUps:
     deferred: list[tuple[int, str]] = field(default_factory=list)
     # Events that tasks published (pub-sub), for the topics exchange: delivered once recorded.
     topics: list[Envelope] = field(default_factory=list)
+    # Concurrency keys whose slots were freed: the dispatchers are told, to admit who waits on them.
+    released: list[str] = field(default_factory=list)
     # Not for the platform: what the transaction changed, for the event stream (switchboard.stream),
     # filled in by WorkflowStore._transact from what the transaction wrote.
     stream: list[dict] = field(default_factory=list)
@@ -145,6 +147,9 @@ class FollowUps:
             await bus.broadcast(env)
         for env in self.topics:
             await bus.publish_topic(env)
+        if self.released:
+            await bus.publish(Envelope(type=MessageType.EVENT, subject="limits.released", source=bus.source,
+                                       payload={"keys": sorted(set(self.released))}), topology.limits)
         for env in self.dispatch:
             telemetry.emit("task.queued", capability=env.payload["capability"], priority=env.priority.value)
 
@@ -318,8 +323,12 @@ class WorkflowStore:
         tr.set(self._status_key("pending", wf_id), b"")
         tr.set(pack(self.ns, "unscheduled", wf_id), orjson.dumps(now))
         default_retry = {"base_s": 0.5, "max_s": 30.0}
+        capability_limits = {c: limits.defaults(tr, self.ns, c) for c in {t.capability for t in spec.tasks}}
         for t in spec.tasks:
             task = t.model_dump(mode="json")
+            # Rendered from the plain payload, before it is sealed; a default's key is lenient (a field
+            # this task lacks renders empty), a task's own was checked at submission.
+            task["limits"] = limits.gate_of(task, capability_limits[t.capability], strict=False)
             if t.cache is not None:  # hashed before sealing: a sealed payload differs each time (switchboard.cache)
                 task["cache_payload"] = cache.payload_digest(task["payload"], self.cache_secret)
             if seal is not None:  # the digest above is of the plain spec: a retried submission matches
@@ -471,7 +480,8 @@ class WorkflowStore:
             priority=Priority(task["priority"]), workflow_id=wf["id"], task_id=task["id"], attempt=attempt,
             timeout_s=task["timeout_s"], traceparent=wf.get("traceparent"),
             payload={"capability": task["capability"], "agent": task.get("agent"), "epoch": wf.get("epoch", 0),
-                     "payload": task["payload"], "inputs": inputs},
+                     "payload": task["payload"], "inputs": inputs}
+                    | ({"limits": task["limits"]} if task.get("limits") else {}),
         )
 
     def _inputs(self, tr: Transaction, wf_id: str, task: dict) -> dict:
@@ -666,6 +676,7 @@ class WorkflowStore:
         """Records the current attempt's result or error: the task succeeds, is retried or fails."""
         wf_id = wf["id"]
         self._clear_deadline(tr, wf_id, task)
+        self._free_slot(tr, wf_id, task, out)
         task["input"] = None
         if env.attempt > task["attempts"]:  # it finished before it ever reported running
             task.update(attempts=env.attempt, started_at=started_at)
@@ -908,6 +919,42 @@ class WorkflowStore:
 
         return await self._commit(txn)
 
+    # ---- limits (switchboard.limits) ---------------------------------------------------------------
+    def _free_slot(self, tr: Transaction, wf_id: str, task: dict, out: FollowUps) -> None:
+        conc = (task.get("limits") or {}).get("concurrency")
+        if conc and limits.release(tr, self.ns, conc["key"], wf_id, task["id"]):
+            out.released.append(conc["key"])
+
+    def _attempt_over(self, tr: Transaction, wf_id: str, task_id: str, attempt: int) -> bool:
+        """Whether this attempt of the task has ended, so its slot is free to take. A task that runs (or
+        waits for input) keeps its slot, under whichever attempt: a redelivered one runs as the next."""
+        raw = tr.get(self._task_key(wf_id, task_id))
+        if raw is None:
+            return True
+        task = orjson.loads(raw)
+        if task["status"] == "queued":
+            return task["attempts"] >= attempt
+        return task["status"] not in ("running", "waiting_input")
+
+    async def admit(self, env: Envelope, gate: dict) -> tuple[str, float | None]:
+        """Whether a parked task may go on now, under its gate's limits: ("admitted", None), ("wait",
+        when to try again or None for when a slot is freed) or ("drop", None) if it should not run at all
+        (its workflow ended, or this attempt is over)."""
+        now = time.time()
+
+        def txn(tr: Transaction) -> tuple[str, float | None]:
+            if self._attempt_over(tr, env.workflow_id, env.task_id, env.attempt) or \
+                    self._read_wf(tr, env.workflow_id)["status"] in TERMINAL_WORKFLOW:
+                return "drop", None
+            admitted, retry_at = limits.admit(tr, self.ns, gate, env.workflow_id, env.task_id, env.attempt, now,
+                                              self._attempt_over)
+            return ("admitted", None) if admitted else ("wait", retry_at)
+
+        try:
+            return await self.store.transact(txn)
+        except NotFound:
+            return "drop", None
+
     async def note_waiting(self, wf_id: str, task_id: str, reason: str) -> None:
         """Records why a queued task is not running yet (shown as its `reason`)."""
 
@@ -985,12 +1032,16 @@ class WorkflowStore:
                 return context, out
             if task["status"] in TERMINAL_TASK:
                 return {**context, "skip": True}, out
+            attempt = max(task["attempts"], redelivered - 1) + 1
             if task["status"] in ("running", "waiting_input") and task["attempts"] >= redelivered:
                 self._clear_deadline(tr, wf_id, task)
                 task.update(status="queued", input=None,
                             reason=f"attempt {task['attempts']} was redelivered (its agent is gone): it runs again")
                 self._write_task(tr, wf_id, task)
-            return {**context, "attempt": max(task["attempts"], redelivered - 1) + 1}, out
+                conc = (task.get("limits") or {}).get("concurrency")
+                if conc:  # the slot goes on with the task, to the attempt that runs now
+                    limits.carry(tr, self.ns, conc["key"], wf_id, task_id, attempt, time.time())
+            return {**context, "attempt": attempt}, out
 
         return await self._transact(txn)
 

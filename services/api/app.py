@@ -29,6 +29,7 @@ from switchboard.workflows import (TERMINAL_WORKFLOW, IdempotencyConflict, Inval
 from services.api.auth import Guard, Refused
 from services.api.console import mount_console
 from services.api.events import EventStream
+from services.api.limits import add_routes as add_limits
 from services.api.schedules import add_routes as add_schedules
 from services.api.workflow_events import add_routes as add_workflow_events
 
@@ -356,6 +357,7 @@ def create_app(service: Api) -> FastAPI:
 
     add_workflow_events(app, service, allow, visible)
     add_schedules(app, service, allow)
+    add_limits(app, service, allow)
 
     def opened(view: dict) -> dict:
         """The view with its results opened, for a reader allowed to see it. A value sealed with a key this

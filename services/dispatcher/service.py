@@ -6,7 +6,8 @@ agents take it in priority order. A task that cannot go yet waits in a queue of 
   hold.<capability>    no live agent serves the capability (dead-lettered after unroutable_after_s)
   paused.<capability>  the capability is paused, or its circuit breaker is open (waits indefinitely)
 Such queues drain back through routing as soon as the reason is gone. Stop-all and a global pause stop
-consuming the dispatch queue itself: work stays there, in order, until resumed.
+consuming the dispatch queue itself: work stays there, in order, until resumed. A task with rate or
+concurrency limits first waits for its admission (see admission.py), then is routed the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from switchboard.routing import REFRESH_S, Routes
 from switchboard.runtime import Service
 from switchboard.state import pack, prefix_range, unpack
 from switchboard.workflows import WorkflowStore
+
+from .admission import Admission
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,8 @@ class Dispatcher(Service):
         self.routes = Routes(self.store, self.redis, self.settings)
         self.parked: set[str] = set()  # capabilities whose hold or paused queue may hold tasks
         self.drainers: dict[str, Consumer] = {}
+        self.admission = Admission(self)
+        await self.admission.start()
         self.dispatch_consumer = await self.consume(self.bus.topology.dispatch, self.route, prefetch=256,
                                                     paused=True)
         self.refreshed_at = 0.0
@@ -43,6 +48,7 @@ class Dispatcher(Service):
         self.every(REFRESH_S, self._refresh, "routing refresh")
 
     async def teardown(self) -> None:
+        await self.admission.stop()
         for consumer in self.drainers.values():
             await consumer.stop()
         self.drainers.clear()
@@ -50,6 +56,14 @@ class Dispatcher(Service):
     async def route(self, env: Envelope, message=None) -> None:
         if env.type != MessageType.TASK or not env.workflow_id or not env.task_id:
             raise ValueError(f"not a task message: type={env.type.value} subject={env.subject!r}")
+        gate = env.payload.get("limits")
+        if gate:
+            await self.admission.park(env, gate)
+        else:
+            await self.send_on(env)
+
+    async def send_on(self, env: Envelope) -> None:
+        """Routes a task that may go (it has no limits, or was admitted)."""
         topology = self.bus.topology
         agent = env.payload.get("agent")
         capability = env.payload.get("capability") or env.target
@@ -87,6 +101,7 @@ class Dispatcher(Service):
         rows = await self.store.read(lambda tr: tr.get_range(*prefix_range(ns, "parked")))
         self.parked |= {unpack(k)[-1] for k, _ in rows}
         await self.routes.refresh(self.parked)
+        await self.admission.refresh()
         await self._apply()
         self.refreshed_at = time.monotonic()
 
