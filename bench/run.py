@@ -1,7 +1,7 @@
-"""Switchboard benchmark, with Celery 5 as the baseline, on the local RabbitMQ and Redis (`make bench`).
+"""Switchboard benchmark, with Celery 5 and Dramatiq as baselines, on the local RabbitMQ and Redis (`make bench`).
 
     python bench/run.py [--noop N] [--workflows N] [--latency-tasks N] [--stream-chunks N] [--skip-celery]
-                        [--agent-concurrency C] [--batch B] [--parallel P] [--uvloop]
+                        [--skip-dramatiq] [--agent-concurrency C] [--batch B] [--parallel P] [--uvloop]
 
 Starts the six services and the bench agents (bench/noop_agent.py, and bench/stream_agent.py for the
 streaming workload) as separate processes, in a namespace, SQLite store and ports of their own, then
@@ -22,8 +22,10 @@ and the CPU seconds every process (and the local RabbitMQ and Redis) spent on ea
 sees work finish on the aggregator's counter switchboard_tasks_finished_total{outcome="succeeded"} (its
 /metrics), then pages GET /v1/workflows?status=succeeded until every workflow is listed, and checks a
 sample in detail.
-Then the platform is stopped and Celery runs the same workloads (bench/celery_baseline/run.py) on the
-same machine. Prints a table with the ratio Switchboard/Celery and writes bench/results.json.
+Then the platform is stopped and Celery (bench/celery_baseline/run.py), then Dramatiq twice
+(bench/dramatiq_baseline/run.py: as shipped, and with confirm_delivery=True, the publisher confirms
+Switchboard waits for on every message) run the no-op, DAG and latency workloads on the same machine.
+Prints a table with the ratios Switchboard/baseline and writes bench/results.json.
 """
 
 from __future__ import annotations
@@ -833,20 +835,25 @@ def run_switchboard(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------
-# celery and the report
+# the baselines and the report
 # ---------------------------------------------------------------------------------------------------
-def run_celery(args) -> dict:
-    path = BENCH / "celery_baseline" / "run.py"
-    spec = importlib.util.spec_from_file_location("bench_celery_baseline_run", path)
+BASELINES = {"celery": "celery", "dramatiq": "dramatiq", "dramatiq_confirms": "+confirms"}
+
+
+def run_baseline(args, folder: str, **options) -> dict:
+    """Runs bench/<folder>/run.py's run_all(), with the CPU seconds its client and worker processes (and the
+    local RabbitMQ and Redis) spent on all its workloads."""
+    path = BENCH / folder / "run.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{folder}_run", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     servers = server_pids(args.amqp_url, args.redis_url)
     servers_before, mine_before = cpu_seconds(servers), os.times()
-    results = module.run_all(args.noop, args.workflows, args.latency_tasks)
+    results = module.run_all(args.noop, args.workflows, args.latency_tasks, **options)
     mine = os.times()
     # The client runs in this process, the worker is our (waited-for) child: os.times() has both.
     results["cpu_seconds_all_workloads"] = {
-        "client + worker (parent and pool)": round(
+        "client + worker processes": round(
             (mine.user + mine.system + mine.children_user + mine.children_system)
             - (mine_before.user + mine_before.system + mine_before.children_user + mine_before.children_system), 2),
         **cpu_delta(servers_before, cpu_seconds(servers))}
@@ -857,25 +864,34 @@ def _mark(ok: bool | None) -> str:
     return "" if ok is None else ("PASS" if ok else "MISS")
 
 
-def report(sb: dict, celery: dict | None, args) -> dict:
+def _row(label: str, *cells: str) -> str:
+    return f"{label:<42}" + "".join(f"{cell:>12}" for cell in cells)
+
+
+def report(sb: dict, baselines: dict[str, dict | None], args) -> dict:
+    """The table; `baselines` maps each of BASELINES to its results (None: skipped)."""
     rows, summary = [], {}
-    lines = ["", f"Switchboard vs Celery 5 — same RabbitMQ and Redis, one host ({os.cpu_count()} CPUs)", ""]
-    head = f"{'workload':<44}{'switchboard':>13}{'celery':>11}{'ratio':>9}   target"
-    lines += [head, "-" * (len(head) + 12)]
+    theirs_all = {key: baselines.get(key) or {} for key in BASELINES}
+    lines = ["", f"Switchboard vs Celery 5 and Dramatiq — same RabbitMQ and Redis, one host ({os.cpu_count()} CPUs)",
+             "", _row("workload", "switchboard", *BASELINES.values())]
+    lines.append("-" * len(lines[-1]))
+    ratio_lines = ["", _row("ratio switchboard / baseline", "", *BASELINES.values()) + "   target"]
 
     def throughput(key: str, label: str, metric: str, unit: str, gate: bool) -> None:
-        if key not in sb:
-            return
         mine = sb[key][metric]
-        theirs = (celery or {}).get(key, {}).get(metric)
-        ratio = round(mine / theirs, 2) if theirs else None
-        ok = (ratio >= TARGET_RATIO) if (gate and ratio is not None) else None
-        rows.append({"workload": key, "metric": metric, "switchboard": mine, "celery": theirs, "ratio": ratio,
-                     "target": f">= {TARGET_RATIO}" if gate else None, "pass": ok})
-        lines.append(f"{label + ' ' + unit:<44}{mine:>13.1f}{theirs if theirs is not None else '-':>11}"
-                     f"{(f'{ratio:.2f}x') if ratio is not None else '-':>9}   "
-                     + (f"ratio >= {TARGET_RATIO:.1f}  {_mark(ok)}" if gate else ""))
-        summary[f"{key}_{metric}_ratio"] = ratio
+        theirs = {name: results.get(key, {}).get(metric) for name, results in theirs_all.items()}
+        ratios = {name: round(mine / value, 2) if value else None for name, value in theirs.items()}
+        ok = (ratios["celery"] >= TARGET_RATIO) if (gate and ratios["celery"] is not None) else None
+        rows.append({"workload": key, "metric": metric, "switchboard": mine, **theirs,
+                     **{f"ratio_{name}": ratio for name, ratio in ratios.items()},
+                     "target": f"celery >= {TARGET_RATIO}" if gate else None, "pass": ok})
+        lines.append(_row(f"{label} {unit}", f"{mine:.1f}",
+                          *(f"{value:.1f}" if value is not None else "-" for value in theirs.values())))
+        ratio_lines.append(_row(f"  {key} {unit}", "",
+                                *(f"{ratio:.2f}x" if ratio is not None else "-" for ratio in ratios.values()))
+                           + (f"   celery >= {TARGET_RATIO:.1f}  {_mark(ok)}" if gate else ""))
+        summary[f"{key}_{metric}_ratio"] = ratios["celery"]
+        summary.update({f"{key}_{metric}_ratio_{name}": ratio for name, ratio in ratios.items() if name != "celery"})
 
     if "noop" in sb:
         throughput("noop", f"no-op, {sb['noop']['tasks']:,} tasks", "tasks_per_s", "tasks/s", True)
@@ -883,16 +899,20 @@ def report(sb: dict, celery: dict | None, args) -> dict:
         label = f"DAG a->(b1..b4)->c, {sb['dag']['workflows']:,} wf"
         throughput("dag", label, "tasks_per_s", "tasks/s", True)
         throughput("dag", label, "workflows_per_s", "wf/s", False)
+    lines += ratio_lines
+    lines.append("dramatiq: as shipped, its publisher does not wait for RabbitMQ's confirms;")
+    lines.append("+confirms: dramatiq with confirm_delivery=True, as Switchboard confirms every message")
     if "latency" in sb:
-        lat, clat = sb["latency"], (celery or {}).get("latency", {})
+        lat = sb["latency"]
         lines.append("")
         lines.append(f"submit-to-start latency at a steady {lat['rate_per_s']:.0f} tasks/s "
                      f"({lat['tasks']:,} tasks, achieved {lat['achieved_rate_per_s']}/s):")
         for q, target in (("p50_ms", TARGET_P50_MS), ("p99_ms", TARGET_P99_MS)):
             ok = lat[q] <= target
-            theirs = clat.get(q)
-            lines.append(f"  {q[:3]:<42}{lat[q]:>10.2f} ms{(f'{theirs:.2f} ms') if theirs is not None else '-':>11}"
-                         f"{'':>9}   <= {target:.0f} ms  {_mark(ok)}")
+            theirs = [results.get("latency", {}).get(q) for results in theirs_all.values()]
+            lines.append(_row(f"  {q[:3]}", f"{lat[q]:.2f} ms",
+                              *(f"{value:.2f} ms" if value is not None else "-" for value in theirs))
+                         + f"   <= {target:.0f} ms  {_mark(ok)}")
             summary[f"latency_{q}_pass"] = ok
         lines.append(f"  {'(p90 / max)':<42}{lat['p90_ms']:>10.2f} / {lat['max_ms']:.2f} ms")
         for stage, (p50, p99) in lat["stages_p50_p99_ms"].items():
@@ -928,32 +948,38 @@ def report(sb: dict, celery: dict | None, args) -> dict:
     summary["memory_pass"] = all_ok
     for phase, peaks in sb.get("peak_rss_mb_by_workload", {}).items():
         lines.append(f"  during {phase:<8} " + ", ".join(f"{n} {v:.0f}" for n, v in peaks.items()))
-    if celery:
-        for name, mb in celery.get("peak_rss_mb", {}).items():
-            lines.append(f"  celery {name + ' (parent + pool children)':<35}{mb:>10.1f} MB")
+    for key, results in theirs_all.items():
+        for name, mb in results.get("peak_rss_mb", {}).items():
+            lines.append(f"  {key.replace('_', '+') + ' ' + name:<42}{mb:>10.1f} MB")
     lines.append("")
     lines.append("CPU seconds per process (user + system) during each workload:")
     for key in ("noop", "dag", "latency", "stream"):
         if key in sb and "cpu_seconds" in sb[key]:
             cpu = sb[key]["cpu_seconds"]
             lines.append(f"  {key:<8} " + ", ".join(f"{n} {v:.1f}" for n, v in cpu.items()))
-    if celery and "cpu_seconds_all_workloads" in celery:
-        mine = {}
-        for key in ("noop", "dag", "latency"):
-            for name, value in sb.get(key, {}).get("cpu_seconds", {}).items():
-                mine[name] = mine.get(name, 0.0) + value
-        theirs = celery["cpu_seconds_all_workloads"]
-        lines.append(f"  all three, switchboard: {sum(mine.values()):.1f} CPU-s in total "
-                     f"(rabbitmq {mine.get('rabbitmq', 0):.1f}, redis {mine.get('redis', 0):.1f}); "
-                     f"celery: {sum(theirs.values()):.1f} CPU-s in total (rabbitmq {theirs.get('rabbitmq', 0):.1f}, "
-                     f"redis {theirs.get('redis', 0):.1f}, incl. its worker start-up)")
+    totals = {"switchboard": {}}
+    for key in ("noop", "dag", "latency"):
+        for name, value in sb.get(key, {}).get("cpu_seconds", {}).items():
+            totals["switchboard"][name] = totals["switchboard"].get(name, 0.0) + value
+    totals |= {key: results["cpu_seconds_all_workloads"] for key, results in theirs_all.items()
+               if "cpu_seconds_all_workloads" in results}
+    tasks = sum(sb[key]["tasks"] for key in ("noop", "dag", "latency") if key in sb)
+    if len(totals) > 1 and tasks:
+        lines.append(f"  all three workloads ({tasks:,} tasks), CPU-s in total (of which rabbitmq, redis) "
+                     "and CPU-ms per task; the baselines' include their worker's start-up:")
+        summary["cpu_ms_per_task"] = {}
+        for key, cpu in totals.items():
+            per_task = summary["cpu_ms_per_task"][key] = round(sum(cpu.values()) * 1000 / tasks, 2)
+            lines.append(f"    {key.replace('_', '+'):<38}{sum(cpu.values()):>10.1f} CPU-s "
+                         f"({cpu.get('rabbitmq', 0):.1f}, {cpu.get('redis', 0):.1f})  {per_task:.2f} ms/task")
     cfg = sb["config"]
     lines.append("")
     lines.append(f"config: agent concurrency (= prefetch) {cfg['agent_concurrency']}, {cfg['batch']} workflows "
                  f"per batch request, {cfg['parallel_requests']} requests in parallel, store {cfg['store']}"
                  + (", uvloop (experiment)" if cfg.get("uvloop") else ""))
-    if celery is None:
-        lines.append("celery: skipped (--skip-celery)")
+    for key, flag in (("celery", "--skip-celery"), ("dramatiq", "--skip-dramatiq")):
+        if baselines.get(key) is None:
+            lines.append(f"{key}: skipped ({flag})")
     print("\n".join(lines), flush=True)
     return {"rows": rows, "summary": summary}
 
@@ -970,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stream-chunks", type=int, default=5_000,
                         help=f"chunks one task streams at {STREAM_RATE:.0f}/s to an SSE reader (0: skip)")
     parser.add_argument("--skip-celery", action="store_true", help="do not run the Celery baseline")
+    parser.add_argument("--skip-dramatiq", action="store_true", help="do not run the two Dramatiq baselines")
     parser.add_argument("--agent-concurrency", type=int,
                         default=int(os.environ.get("BENCH_AGENT_CONCURRENCY", "16")),
                         help="SWITCHBOARD_AGENT_CONCURRENCY of the bench agent (its prefetch too)")
@@ -996,22 +1023,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.stream_chunks} streamed chunks at {STREAM_RATE:.0f}/s")
     try:
         sb = run_switchboard(args)
-        celery = None
+        baselines = dict.fromkeys(BASELINES)
         if not args.skip_celery:
             log("Celery 5 baseline (prefork, 2 processes, Redis result backend)")
-            celery = run_celery(args)
-            log(f"celery: {celery}")
+            baselines["celery"] = run_baseline(args, "celery_baseline")
+            log(f"celery: {baselines['celery']}")
+        if not args.skip_dramatiq:
+            for key, confirms in (("dramatiq", False), ("dramatiq_confirms", True)):
+                log(f"Dramatiq baseline (2 processes x 8 threads, Redis results), confirm_delivery={confirms}")
+                baselines[key] = run_baseline(args, "dramatiq_baseline", confirms=confirms)
+                log(f"{key}: {baselines[key]}")
     except KeyboardInterrupt:
         log("interrupted")
         return 130
-    table = report(sb, celery, args)
+    table = report(sb, baselines, args)
     wall = round(time.monotonic() - began, 1)
     print(f"\ntotal wall time {wall} s; results in {args.json}", flush=True)
     data = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host_cpus": os.cpu_count(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "targets": {"ratio": TARGET_RATIO, "p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS,
                         "rss_mb": TARGET_RSS_MB, "stream_p99_ms": TARGET_STREAM_P99_MS},
-            "switchboard": sb, "celery": celery, "table": table, "wall_seconds": wall}
+            "switchboard": sb, **baselines, "table": table, "wall_seconds": wall}
     args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
