@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install run demo test bench chaos clean
+.PHONY: install run demo test bench load chaos clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: install
 
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Locust load tests against a platform of its own (or LOAD_ARGS="--url ..."); reports in var/load/<scenario>/.
+load: install
+	$(BIN)/python load/run.py $(LOAD_ARGS)
 
 # The long chaos scenarios (kill every service, an agent, restart RabbitMQ and Redis); prints recovery times.
 chaos: install
