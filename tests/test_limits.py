@@ -127,12 +127,14 @@ async def test_a_sigkill_of_an_agent_and_a_dispatcher_frees_their_slots_and_lose
 
 
 # ---- in one process ---------------------------------------------------------------------------------
-async def timed_agent(platform, name: str = "limits-agent", concurrency: int = 8) -> list[dict]:
-    """An agent whose "limited" handler notes each run's start and end (by the payload's id)."""
+async def timed_agent(platform, name: str = "limits-agent", concurrency: int = 8,
+                      declared: dict | None = None) -> list[dict]:
+    """An agent whose "limited" handler notes each run's start and end (by the payload's id); `declared`:
+    the capability's default limits it declares."""
     runs: list[dict] = []
     agent = Agent(name, settings=platform.settings, concurrency=concurrency)
 
-    @agent.handler("limited")
+    @agent.handler("limited", **(declared or {}))
     async def limited(task):
         run = {"id": task.payload["id"], "tenant": task.payload.get("tenant"), "start": time.time(), "end": None}
         runs.append(run)
@@ -214,3 +216,22 @@ async def test_one_tenants_10000_task_burst_does_not_starve_another_tenants_sing
     a_before = sum(1 for r in runs if r["tenant"] == "a" and r["start"] < b_start)
     print(f"\ntenant b's task started after {a_before} of tenant a's 10,000")
     assert a_before < 10_000 // 2  # in a queue of their own: behind a's admitted few, not a's whole burst
+
+
+async def test_an_agent_declares_its_capabilitys_default_limits_and_an_operators_win(platform):
+    runs = await timed_agent(platform, declared={"concurrency": {"key": "{capability}", "max": 1}})
+
+    async def declared():
+        return (await platform.client.get("/v1/limits")).json()["capabilities"].get("limited", {}).get("agent")
+
+    assert await wait_for(declared, what="the agent's declared limits stored") == {
+        "concurrency": {"key": "{capability}", "max": 1}}
+    view = await platform.wait(await platform.submit(spec(4, sleep_s=0.05)))
+    assert view["status"] == "succeeded" and limits_agent.most_at_once(runs, until=time.time()) == 1
+    operator = {"concurrency": {"key": "{capability}-wide", "max": 4}}
+    assert (await platform.client.put("/v1/capabilities/limited/limits", json=operator)).status_code == 200
+    runs.clear()
+    view = await platform.wait(await platform.submit(spec(8, sleep_s=0.2)))
+    assert view["status"] == "succeeded" and limits_agent.most_at_once(runs, until=time.time()) > 1
+    keys = {k["key"] for k in (await platform.client.get("/v1/limits")).json()["keys"]}
+    assert {"limited", "limited-wide"} <= keys

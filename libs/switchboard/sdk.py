@@ -39,7 +39,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from switchboard import runtime, tasklog, telemetry, usage
 from switchboard.bus import Consumer, Transient
 from switchboard.codec import Codec, CodecError
-from switchboard.protocol import Envelope, MessageType, WorkflowSpec, validate_workflow
+from switchboard.protocol import ConcurrencyLimit, Envelope, MessageType, RateLimit, WorkflowSpec, validate_workflow
 from switchboard.reporter import Reporter
 from switchboard.settings import Settings, get_settings
 from switchboard.telemetry import TaskRun
@@ -257,6 +257,7 @@ class Agent(runtime.Service):
         self.concurrency = concurrency or self.settings.agent_concurrency
         self.codec = Codec.from_setting(self.settings.payload_keys)
         self.handlers: dict[str, TaskHandler] = {}
+        self.limits: dict[str, dict] = {}  # capability → the default limits this agent declares
         self.reply_queue = self.bus.topology.private_queue("reply", name)
         # Results, statuses, heartbeats and delegations go through agent-out, the one exchange that an
         # agent's own broker user may write to (switchboard.credentials).
@@ -274,9 +275,20 @@ class Agent(runtime.Service):
         # than it runs; this bounds what runs at once.
         self._slots = asyncio.Semaphore(self.concurrency)
 
-    def handler(self, capability: str) -> Callable[[TaskHandler], TaskHandler]:
+    def handler(self, capability: str, *, rate_limit: dict | None = None,
+                concurrency: dict | None = None) -> Callable[[TaskHandler], TaskHandler]:
+        """Serves `capability` with the decorated handler. `rate_limit` ({key, per_s, burst}) and
+        `concurrency` ({key, max}) declare the capability's default limits (switchboard.limits): tasks
+        submitted once the agent registered, that set none of their own, get them, unless an operator
+        set the capability's defaults."""
+        declared = {"rate_limit": RateLimit.model_validate(rate_limit) if rate_limit else None,
+                    "concurrency": ConcurrencyLimit.model_validate(concurrency) if concurrency else None}
+        declared = {k: v.model_dump(mode="json") for k, v in declared.items() if v is not None}
+
         def register(fn: TaskHandler) -> TaskHandler:
             self.handlers[capability] = fn
+            if declared:
+                self.limits[capability] = declared
             return fn
 
         return register
@@ -391,6 +403,8 @@ class Agent(runtime.Service):
     async def _send_heartbeat(self, subject: str) -> None:
         info = {"name": self.name, "capabilities": self.capabilities, "concurrency": self.concurrency,
                 "in_flight": len(self._running), "host": socket.gethostname(), "pid": os.getpid()}
+        if self.limits:
+            info["limits"] = self.limits
         env = Envelope(type=MessageType.EVENT, subject=subject, source=self.name, payload=info)
         await self.bus.publish(env, self.bus.topology.registry)
 

@@ -1,5 +1,6 @@
 """Agent discovery: records agents' registrations and heartbeats in Redis, marks silent agents lost,
-and forgets them after a longer silence. Agents that stop cleanly deregister."""
+and forgets them after a longer silence. Agents that stop cleanly deregister. The default limits an
+agent declares for its capabilities go to the store (switchboard.limits), where workflows are created."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import logging
 import time
 
 import redis
+from pydantic import ValidationError
 
-from switchboard import stream, telemetry
+from switchboard import limits, stream, telemetry
 from switchboard.bus import Transient
-from switchboard.protocol import Envelope
+from switchboard.protocol import ConcurrencyLimit, Envelope, RateLimit
 from switchboard.registry import RegistryClient
 from switchboard.runtime import Service
 
@@ -24,9 +26,11 @@ class Registry(Service):
     name = "registry"
     default_port = 8103
     uses_redis = True
+    uses_store = True
 
     async def setup(self) -> None:
         self.client = RegistryClient(self.redis, self.settings)
+        self.declared: dict[str, dict] = {}  # capability → the default limits last written for it
         # What this replica last told the event stream about each agent: only a change of status is an
         # event (registered, lost, stopped), not every heartbeat. Bounded by the agents the sweep keeps.
         self.told: dict[str, str] = {}
@@ -49,11 +53,34 @@ class Registry(Service):
             info.update(status="alive", last_heartbeat=min(env.timestamp, time.time()))
             await self.client.upsert(info)
             await self._tell(info, "registered")
+            if env.payload.get("limits"):
+                await self._declare(info["name"], info["capabilities"], env.payload["limits"])
         elif env.subject == "agent.stopped":
             await self.client.remove(env.payload["name"], instance=(env.payload.get("host"), env.payload.get("pid")))
             await self._tell(env.payload, "stopped")
         else:
             raise ValueError(f"registry does not handle subject {env.subject!r}")
+
+    async def _declare(self, agent: str, capabilities: list, declared: object) -> None:
+        """Stores the default limits an agent declares for capabilities it serves, when they change."""
+        try:
+            checked = {capability: {kind: model.model_validate(value[kind]).model_dump(mode="json")
+                                    for kind, model in (("rate_limit", RateLimit), ("concurrency", ConcurrencyLimit))
+                                    if value.get(kind)}
+                       for capability, value in dict(declared).items() if capability in capabilities}
+        except (ValidationError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("agent %s declares limits that are not valid, ignored: %s", agent, exc)
+            return
+        changed = {c: v for c, v in checked.items() if v and self.declared.get(c) != v}
+        if changed:
+            ns = self.settings.namespace
+
+            def txn(tr) -> None:
+                for capability, value in changed.items():
+                    limits.set_defaults(tr, ns, capability, "agent", value)
+
+            await self.store.transact(txn)
+            self.declared.update(changed)
 
     async def _sweep(self) -> None:
         now = time.time()
