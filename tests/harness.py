@@ -26,6 +26,21 @@ from switchboard.workflows import TERMINAL_WORKFLOW
 ALL_SERVICES = ("api", "coordinator", "dispatcher", "registry", "aggregator", "dlq_replayer")
 
 
+async def listed_agents(client: httpx.AsyncClient, url: str, **filters) -> list[dict] | None:
+    """Every agent GET /v1/agents lists with these filters, page after page; None if a page is refused."""
+    agents: list[dict] = []
+    params = {"limit": 1000, **filters}
+    while True:
+        response = await client.get(url, params=params)
+        if response.status_code != 200:
+            return None
+        body = response.json()
+        agents += body["agents"]
+        if not body.get("next"):
+            return agents
+        params["after"] = body["next"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,8 +107,8 @@ class Platform:
 
     def _registered(self, name: str):
         async def check() -> bool:
-            agents = (await self.client.get("/v1/agents")).json()["agents"]
-            return any(a["name"] == name and a["status"] == "alive" for a in agents)
+            agents = await listed_agents(self.client, "/v1/agents", status="alive")
+            return any(a["name"] == name for a in agents or ())
 
         return check
 
@@ -227,9 +242,9 @@ async def wait_processes_ready(client: httpx.AsyncClient, settings: Settings, po
     await wait_for(all_ready, timeout=60, what="every process ready", on_timeout=exited)
 
     async def agents_alive() -> bool:
-        response = await client.get(f"http://127.0.0.1:{settings.api_port}/v1/agents")
-        if response.status_code != 200:  # the api is up but not every dependency yet: ask again
+        agents = await listed_agents(client, f"http://127.0.0.1:{settings.api_port}/v1/agents", status="alive")
+        if agents is None:  # the api is up but not every dependency yet: ask again
             return False
-        return {a["name"] for a in response.json()["agents"] if a["status"] == "alive"} >= set(EXAMPLE_AGENTS)
+        return {a["name"] for a in agents} >= set(EXAMPLE_AGENTS)
 
     await wait_for(agents_alive, what="example agents registered")

@@ -57,7 +57,13 @@ def add_parsers(sub) -> None:
     demo.add_argument("--ask", action="store_true",
                       help="on a terminal, ask you to approve the draft (otherwise it is approved for you)")
     demo.add_argument("--timeout", type=float, default=120.0, metavar="S", help="for each of the two demos")
-    command("agents", "agents with status, in-flight work and breakers; capability breakers")
+    agents_cmd = command("agents", "agents with status, in-flight work and breakers; capability breakers")
+    agents_cmd.add_argument("--capability", default=None, help="only the agents serving it")
+    agents_cmd.add_argument("--status", choices=["alive", "lost"], default=None)
+    agents_cmd.add_argument("--limit", type=int, default=None,
+                            help="one page of at most this many (1..1000; its `next` goes to --after); "
+                                 "without it, every agent")
+    agents_cmd.add_argument("--after", default=None, help="the last agent name of the previous page")
 
     dlq = command("dlq", "dead letters: list, show, replay, delete")
     dlq_actions = dlq.add_subparsers(dest="action", required=True)
@@ -201,8 +207,29 @@ def dag(api: Api, args) -> int:
 
 
 def agents(api: Api, args) -> int:
-    emit(args, api.get("/v1/agents"), agents_tables)
+    filters = {"capability": args.capability, "status": args.status}
+    if args.limit is None and args.after is None:
+        body = all_agents(api, **filters)
+    else:
+        body = api.get("/v1/agents", **filters, limit=args.limit, after=args.after)
+    emit(args, body, agents_tables)
+    if body.get("next") and getattr(args, "output", "text") != "json":
+        say(f"more: --after {body['next']}")
     return OK
+
+
+def all_agents(api: Api, **filters) -> dict:
+    """GET /v1/agents page after page: every agent (by name) and the breakers of their capabilities, in the
+    API's shape, with `next` null."""
+    body = {"agents": [], "capabilities": {}, "next": None}
+    after = None
+    while True:
+        page = api.get("/v1/agents", **filters, limit=1000, after=after)
+        body["agents"] += page["agents"]
+        body["capabilities"].update(page.get("capabilities", {}))
+        after = page.get("next")
+        if not after:
+            return body
 
 
 def agents_tables(body: dict):

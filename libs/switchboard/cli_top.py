@@ -19,6 +19,7 @@ import sys
 import time
 
 from switchboard.cli_client import UNREACHABLE, Api, CliError, options
+from switchboard.cli_commands import all_agents
 from switchboard.cli_watch import TERMINAL, styled
 
 WINDOW_S = 60.0
@@ -38,7 +39,7 @@ def fetch(api: Api, scan: int) -> dict:
     listed = api.get("/v1/workflows", limit=scan)["workflows"]
     recent = [w for w in listed if w["status"] not in TERMINAL or (w.get("finished_at") or 0) > now - WINDOW_S]
     views = {w["workflow_id"]: api.get(f"/v1/workflows/{w['workflow_id']}") for w in recent}
-    return {"agents": api.get("/v1/agents"), "control": api.get("/v1/control"), "workflows": listed,
+    return {"agents": all_agents(api), "control": api.get("/v1/control"), "workflows": listed,
             "views": views, "at": now}
 
 

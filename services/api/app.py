@@ -429,16 +429,25 @@ def create_app(service: Api) -> FastAPI:
             await (await service.workflows.requeue_answered(workflow_id, task_id)).publish(service.bus, service.routes)
         return task
 
-    @app.get("/v1/agents", dependencies=[Depends(allow("read"))], responses=answers(401, 403, 429))
-    async def list_agents():
-        """Agents with their capabilities, health and circuit breakers; and each capability's breaker."""
-        agents = await service.registry.agents()
+    @app.get("/v1/agents", dependencies=[Depends(allow("read"))], responses=answers(401, 403, 422, 429))
+    async def list_agents(
+        capability: Annotated[str | None, Query(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+                                                description="only the agents serving it")] = None,
+        status: Annotated[str | None, Query(pattern="^(alive|lost)$")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after: Annotated[str | None, Query(min_length=1, max_length=1024,
+                                           description="the previous page's last name (its `next`)")] = None,
+    ):
+        """Agents by name with their capabilities, health and circuit breakers, a page at a time (`next`
+        is the cursor of the next page, null on the last); and the breaker of each capability they serve."""
+        agents, cursor = await service.registry.page(limit=limit, after=after, capability=capability, status=status)
         capabilities = sorted({c for a in agents for c in a["capabilities"]})
         names = [f"agent:{a['name']}" for a in agents] + [f"cap:{c}" for c in capabilities]
         breakers = await asyncio.to_thread(service.breakers.snapshot, names)
         for agent in agents:
             agent["breaker"] = breakers[f"agent:{agent['name']}"]
-        return {"agents": agents, "capabilities": {c: {"breaker": breakers[f"cap:{c}"]} for c in capabilities}}
+        return {"agents": agents, "capabilities": {c: {"breaker": breakers[f"cap:{c}"]} for c in capabilities},
+                "next": cursor}
 
     @app.get("/v1/dlq", dependencies=[Depends(allow("read"))], responses=answers(401, 403, 422, 429))
     async def list_dead_letters(

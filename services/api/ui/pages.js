@@ -306,12 +306,26 @@ function sparkline(samples, max) {
 function agents(view) {
   const body = h("tbody");
   const caps = h("div", { class: "caps", testid: "capability-breakers" });
-  view.append(h("h1", {}, "Agents"),
+  const f = {
+    capability: h("input", { type: "search", placeholder: "capability", testid: "agents-filter-capability" }),
+    status: h("select", { testid: "agents-filter-status" }, ["", "alive", "lost"].map((s) => h("option", { value: s }, s || "any status"))),
+  };
+  for (const input of Object.values(f)) input.addEventListener("change", () => tick());
+  const filters = () => Object.fromEntries(Object.entries(f).map(([k, v]) => [k, v.value.trim()]).filter(([, v]) => v));
+  view.append(h("h1", {}, "Agents"), h("div", { class: "filters" }, Object.values(f)),
               h("table", { testid: "agent-list" }, h("thead", {}, h("tr", {},
                 ["agent", "status", "last heartbeat", "capabilities", "in flight", "breaker", "activity"].map((c) => h("th", {}, c)))), body),
               h("h2", {}, "Capabilities"), caps);
   async function load() {
-    const answer = await api("/v1/agents");
+    // Every matching agent, a page (at most 1000) at a time, by name.
+    const answer = { agents: [], capabilities: {} };
+    for (let after; ;) {
+      const page = await api(`/v1/agents${query({ ...filters(), limit: 1000, after })}`);
+      answer.agents.push(...page.agents);
+      Object.assign(answer.capabilities, page.capabilities);
+      if (!page.next) break;
+      after = page.next;
+    }
     body.replaceChildren(...answer.agents.map((a) => {
       const samples = history.get(a.name) || [];
       samples.push(a.status === "alive" ? (a.in_flight || 0) : 0);
@@ -322,7 +336,7 @@ function agents(view) {
         h("td", {}, (a.capabilities || []).join(", ")), h("td", {}, `${a.in_flight ?? 0} / ${a.concurrency ?? "?"}`),
         h("td", {}, badge(a.breaker?.state || "closed")), h("td", {}, sparkline(samples, a.concurrency || 1)));
     }));
-    caps.replaceChildren(...Object.entries(answer.capabilities).map(([c, v]) =>
+    caps.replaceChildren(...Object.entries(answer.capabilities).sort(([a], [b]) => (a < b ? -1 : 1)).map(([c, v]) =>
       h("span", { class: "cap" }, c, " ", badge(v.breaker?.state || "closed"))));
   }
   const tick = () => load().catch((e) => flash(view, e.message));
