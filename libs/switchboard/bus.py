@@ -200,8 +200,17 @@ class Bus:
         # The exchange that publishes to a queue go through instead of the default one (agents: agent-out).
         self.outbox = ""
         self.restricted = False  # this broker user may not declare the topology (an agent's own user)
+        self._shared = False  # the connection is another Bus's (share): that one connects and closes it
+
+    def share(self, owner: Bus) -> None:
+        """Uses `owner`'s connection and publishing channel, once it connected: many agents in one
+        process (switchboard.hosting) cost one connection. Consumers still get channels of their own."""
+        self.connection, self._channel = owner.connection, owner._channel
+        self.restricted, self._shared = owner.restricted, True
 
     async def connect(self, *, timeout_s: float = 30.0) -> None:
+        if self._shared:
+            return
         self.connection = await asyncio.wait_for(
             aio_pika.connect_robust(
                 self.settings.amqp_url, client_properties={"connection_name": self.source}
@@ -229,9 +238,9 @@ class Bus:
         return True
 
     async def close(self) -> None:
-        if self.connection is not None:
+        if self.connection is not None and not self._shared:
             await self.connection.close()
-            self.connection = None
+        self.connection = None
 
     @property
     def is_connected(self) -> bool:

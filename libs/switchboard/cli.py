@@ -6,6 +6,9 @@
                               each in its own process, until Ctrl-C / SIGTERM
   switchboard demo            follow a planner that delegates to other agents, then a writer that streams a
                               draft, asks for approval and announces it (--only planner|writer, --ask)
+  switchboard host MODULE:CALLABLE
+                              run the agents that CALLABLE(settings) returns (a list of Agent) in this
+                              process, sharing one connection and one heartbeat (switchboard.hosting)
   switchboard check           say whether RabbitMQ and Redis answer
   switchboard healthcheck     exit 0 if the service of this host or container answers /healthz (for
                               Docker's HEALTHCHECK)
@@ -71,11 +74,17 @@ def serve(name: str) -> None:
 
     settings = get_settings()
     if name == "agents":
-        import example_agents
-
-        runtime.run(*example_agents.build(settings))
+        host("example_agents:build")
     else:
         runtime.run(load_service(name, settings))
+
+
+def host(target: str) -> None:
+    """Runs the agents that `module:callable` builds in this process, sharing one connection."""
+    from switchboard import runtime
+    from switchboard.hosting import AgentHost, load
+
+    runtime.run(AgentHost(load(target, get_settings())))
 
 
 async def _check(settings: Settings) -> dict[str, str | None]:
@@ -232,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_cmd = sub.add_parser("serve", help="run one service, or the example agents")
     serve_cmd.add_argument("service", choices=[*SERVICES, "agents"])
     sub.add_parser("run", help="run every service and the example agents")
+    host_cmd = sub.add_parser("host", help="run many agents in this process (module:callable returns them)")
+    host_cmd.add_argument("target", help="e.g. example_agents:build: called with the settings, returns Agents")
     sub.add_parser("check", help="check that RabbitMQ and Redis answer")
     sub.add_parser("healthcheck", help="exit 0 if the service here answers /healthz")
     creds = sub.add_parser(
@@ -257,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
         return cli_client.run(settings, args, cli_top.top)
     if args.command == "serve":
         serve(args.service)
+        return 0
+    if args.command == "host":
+        try:
+            host(args.target)
+        except (ImportError, AttributeError, ValueError) as exc:
+            print(f"switchboard host: {exc}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "run":
         return run_all()

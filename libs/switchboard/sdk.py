@@ -268,6 +268,9 @@ class Agent(runtime.Service):
         self.subscriptions: dict[str, EventHandler] = {}  # topic pattern → handler
         self._waiting: dict[asyncio.Task, _Slot] = {}  # handlers waiting for an answer (see TaskContext.ask)
         self._heartbeat: asyncio.Task | None = None
+        # The AgentHost this agent runs in (switchboard.hosting), which then subscribes to the control
+        # fanout and heartbeats for all its agents; None: this agent does both itself.
+        self.host = None
         self._tasks: Consumer | None = None
         self._stopped = False  # an emergency stop is on
         self._standing_back_until = 0.0  # this agent's circuit breaker is open until then
@@ -332,7 +335,8 @@ class Agent(runtime.Service):
         for queue in queues:
             await self.bus.ensure_work_queue(queue)
         # Stopped in reverse: tasks drain first, while replies to their delegations can still arrive.
-        await self.subscribe_control(self._on_control)
+        if self.host is None:
+            await self.subscribe_control(self._on_control)
         self._consumers.append(await self.bus.consume_private(self._on_reply, name=self.reply_queue))
         if self.subscriptions:
             # An agent with a broker user of its own finds its queue declared (agent-credentials create)
@@ -342,11 +346,15 @@ class Agent(runtime.Service):
             await self.consume(queue, self._on_event, prefetch=self.concurrency)
         self._tasks = await self.consume(queues, self._on_task, prefetch=self.concurrency, paused=True,
                                          arguments={"x-consumer-timeout": _CONSUMER_TIMEOUT_MS})
-        self._stopped = (await self._query_control()).get("stopped", False)
+        if self.host is not None and self.host.stopped is not None:
+            self._stopped = self.host.stopped  # asked once for all its agents
+        else:
+            self._stopped = (await self._query_control()).get("stopped", False)
         await self._send_heartbeat("agent.heartbeat")
         if not self._stopped:
             await self._tasks.resume()
-        self._heartbeat = self.every(self.settings.heartbeat_interval_s, self._beat, "heartbeat")
+        if self.host is None:
+            self._heartbeat = self.every(self.settings.heartbeat_interval_s, self._beat, "heartbeat")
 
     async def _query_control(self) -> dict:
         """Asks a coordinator whether an emergency stop is on before taking any work."""
@@ -400,12 +408,16 @@ class Agent(runtime.Service):
         runtime.run(self)
 
     # ---- registry ----------------------------------------------------------------------------------
-    async def _send_heartbeat(self, subject: str) -> None:
+    def registration(self) -> dict:
+        """What a heartbeat says of this agent."""
         info = {"name": self.name, "capabilities": self.capabilities, "concurrency": self.concurrency,
                 "in_flight": len(self._running), "host": socket.gethostname(), "pid": os.getpid()}
         if self.limits:
             info["limits"] = self.limits
-        env = Envelope(type=MessageType.EVENT, subject=subject, source=self.name, payload=info)
+        return info
+
+    async def _send_heartbeat(self, subject: str) -> None:
+        env = Envelope(type=MessageType.EVENT, subject=subject, source=self.name, payload=self.registration())
         await self.bus.publish(env, self.bus.topology.registry)
 
     async def _beat(self) -> None:

@@ -45,21 +45,33 @@ class Registry(Service):
 
     async def _handle(self, env: Envelope) -> None:
         if env.subject == "agent.heartbeat":
-            info = {k: env.payload[k] for k in ("name", "capabilities")} | {
-                k: env.payload.get(k) for k in ("concurrency", "in_flight", "host", "pid")}
-            if not isinstance(info["name"], str) or not isinstance(info["capabilities"], list):
-                raise ValueError("heartbeat needs a name and a list of capabilities")
-            # A heartbeat delayed in the queue must not revive an agent: judge by when it was sent.
-            info.update(status="alive", last_heartbeat=min(env.timestamp, time.time()))
-            await self.client.upsert(info)
-            await self._tell(info, "registered")
-            if env.payload.get("limits"):
-                await self._declare(info["name"], info["capabilities"], env.payload["limits"])
+            await self._heartbeats([env.payload], env.timestamp)
+        elif env.subject == "agents.heartbeat":  # every agent of an AgentHost (switchboard.hosting)
+            agents = env.payload.get("agents")
+            if not isinstance(agents, list):
+                raise ValueError("agents.heartbeat needs a list of agents")
+            await self._heartbeats(agents, env.timestamp)
         elif env.subject == "agent.stopped":
             await self.client.remove(env.payload["name"], instance=(env.payload.get("host"), env.payload.get("pid")))
             await self._tell(env.payload, "stopped")
         else:
             raise ValueError(f"registry does not handle subject {env.subject!r}")
+
+    async def _heartbeats(self, payloads: list, sent_at: float) -> None:
+        infos = []
+        for payload in payloads:
+            if not isinstance(payload, dict) or not isinstance(payload.get("name"), str) \
+                    or not isinstance(payload.get("capabilities"), list):
+                raise ValueError("heartbeat needs a name and a list of capabilities")
+            # A heartbeat delayed in the queue must not revive an agent: judge by when it was sent.
+            infos.append({k: payload[k] for k in ("name", "capabilities")}
+                         | {k: payload.get(k) for k in ("concurrency", "in_flight", "host", "pid")}
+                         | {"status": "alive", "last_heartbeat": min(sent_at, time.time())})
+        await self.client.upsert_many(infos)
+        for info, payload in zip(infos, payloads):
+            await self._tell(info, "registered")
+            if payload.get("limits"):
+                await self._declare(info["name"], info["capabilities"], payload["limits"])
 
     async def _declare(self, agent: str, capabilities: list, declared: object) -> None:
         """Stores the default limits an agent declares for capabilities it serves, when they change."""
