@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import signal
 import sys
 import time
@@ -83,7 +84,7 @@ async def test_1000_agents_in_4_processes_register_share_the_work_and_stop_quiet
     hosts = {}
     for i in range(4):
         env = {**process_env(settings), "MANY_AGENTS": "250", "MANY_AGENTS_PREFIX": f"host{i}",
-               "SWITCHBOARD_HEALTH_PORT": str(free_port()), "SWITCHBOARD_HEARTBEAT_INTERVAL_S": "1.0"}
+               "SWITCHBOARD_HEALTH_PORT": str(free_port()), "SWITCHBOARD_HEARTBEAT_INTERVAL_S": "2.0"}
         hosts[i] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "switchboard.cli", "host",
             "tests.many_agents:build", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
@@ -106,6 +107,15 @@ async def test_1000_agents_in_4_processes_register_share_the_work_and_stop_quiet
             print(f"\n1,000 agents in 4 processes: registered in {registered:.1f}s; 2,000 tasks in {ran:.1f}s, "
                   f"per agent min {min(counts.values())}, max {max(counts.values())} (even: {even:g})")
             assert even / 2 <= min(counts.values()) and max(counts.values()) <= even * 2
+            # SWITCHBOARD_HOSTING_SOAK_S=300: then every agent stays alive, sampled every 5 s, that long.
+            soak_until = time.monotonic() + float(os.environ.get("SWITCHBOARD_HOSTING_SOAK_S", "0"))
+            samples = 0
+            while time.monotonic() < soak_until:
+                assert len(await alive(client, "host")) == 1000
+                samples += 1
+                await asyncio.sleep(5)  # sampling, not synchronisation
+            if samples:
+                print(f"1,000 agents stayed alive through {samples} samples")
     finally:
         for proc in hosts.values():
             if proc.returncode is None:
