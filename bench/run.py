@@ -2,6 +2,9 @@
 
     python bench/run.py [--noop N] [--workflows N] [--latency-tasks N] [--stream-chunks N] [--skip-celery]
                         [--skip-dramatiq] [--agent-concurrency C] [--batch B] [--parallel P] [--uvloop]
+    python bench/run.py --scale [--scale-backlog N] [--scale-fanout N] [--scale-chain N]
+    python bench/run.py --footprint [--footprint-noop N] [--footprint-dag N] [--footprint-batch B]
+                        [--footprint-store-options OPTIONS]
 
 Starts the six services and the bench agents (bench/noop_agent.py, and bench/stream_agent.py for the
 streaming workload) as separate processes, in a namespace, SQLite store and ports of their own, then
@@ -26,6 +29,9 @@ Then the platform is stopped and Celery (bench/celery_baseline/run.py), then Dra
 (bench/dramatiq_baseline/run.py: as shipped, and with confirm_delivery=True, the publisher confirms
 Switchboard waits for on every message) run the no-op, DAG and latency workloads on the same machine.
 Prints a table with the ratios Switchboard/baseline and writes bench/results.json.
+
+`--scale` (backlog, fan-out, chain) and `--footprint` (store and broker cost per task, from counters) run
+instead of all that: see bench/scale.py.
 """
 
 from __future__ import annotations
@@ -202,11 +208,13 @@ class RssSampler(threading.Thread):
 # ---------------------------------------------------------------------------------------------------
 class Platform:
     def __init__(self, *, amqp_url: str, redis_url: str, agent_concurrency: int, log_level: str,
-                 uvloop: bool = False, stream: bool = False):
+                 uvloop: bool = False, stream: bool = False, env: dict[str, str] | None = None,
+                 store_options: str = ""):
         self.amqp_url, self.redis_url = amqp_url, redis_url
+        self.extra_env = dict(env or {})  # more SWITCHBOARD_* settings for every process (e.g. --scale's)
         self.namespace = f"bench{os.getpid()}"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"sb-{self.namespace}-"))
-        self.store_url = f"sqlite:///{self.tmp / 'store.sqlite3'}"
+        self.store_url = f"sqlite:///{self.tmp / 'store.sqlite3'}" + (f"?{store_options}" if store_options else "")
         self.api_port = free_port()
         self.health_ports = {name: free_port() for name in SERVICES if name != "api"}
         self.health_ports["agent"] = free_port()
@@ -238,6 +246,7 @@ class Platform:
         )
         if name != "api":
             env["SWITCHBOARD_HEALTH_PORT"] = str(self.health_ports[name])
+        env.update(self.extra_env)
         return env
 
     def start(self) -> None:
@@ -805,17 +814,18 @@ async def bench_switchboard(platform: Platform, args) -> dict:
         return results
 
 
-def run_switchboard(args) -> dict:
+def run_platform(args, work, **options) -> tuple[dict, RssSampler]:
+    """Starts a platform (Platform's `options`), runs `await work(platform, args)` with its RSS sampled,
+    then stops it and cleans up its namespace (keeping the logs if anything failed)."""
     platform = Platform(amqp_url=args.amqp_url, redis_url=args.redis_url,
-                        agent_concurrency=args.agent_concurrency, log_level=args.log_level,
-                        uvloop=args.uvloop, stream=bool(args.stream_chunks))
+                        agent_concurrency=args.agent_concurrency, log_level=args.log_level, **options)
     sampler: RssSampler | None = None
     ok = False
     try:
         platform.start()
         sampler = platform.sampler = RssSampler(platform.pids)
         sampler.start()
-        results = asyncio.run(bench_switchboard(platform, args))
+        results = asyncio.run(work(platform, args))
         platform.check_alive()
         ok = True
     finally:
@@ -826,6 +836,11 @@ def run_switchboard(args) -> dict:
             log("stopping the platform")
             platform.stop()
             asyncio.run(platform.cleanup(keep_logs=not ok))
+    return results, sampler
+
+
+def run_switchboard(args) -> dict:
+    results, sampler = run_platform(args, bench_switchboard, uvloop=args.uvloop, stream=bool(args.stream_chunks))
     results["peak_rss_mb"] = sampler.peaks_mb()
     results["peak_rss_mb_by_workload"] = sampler.phase_peaks_mb()
     results["config"] = {"agent_concurrency": args.agent_concurrency, "batch": args.batch,
@@ -1011,12 +1026,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--dump-latency", type=Path, help="write every latency task's timings to this CSV")
     parser.add_argument("--json", type=Path, default=RESULTS_JSON, help="where to write the results")
+    scale = parser.add_argument_group("scale and footprint (bench/scale.py): instead of the workloads above and "
+                                      "the baselines; results.json gets 'scale' / 'footprint', the rest is kept")
+    scale.add_argument("--scale", action="store_true", help="backlog, fan-out and chain workloads")
+    scale.add_argument("--scale-backlog", type=int, default=100_000, help="LOW tasks queued before one CRITICAL")
+    scale.add_argument("--scale-fanout", type=int, default=10_000, help="children of the fan-out workflow")
+    scale.add_argument("--scale-chain", type=int, default=1_000, help="tasks of the chain workflow")
+    scale.add_argument("--footprint", action="store_true",
+                       help="store transactions, keys, bytes, messages and CPU per task, from counters")
+    scale.add_argument("--footprint-noop", type=int, default=2_000, help="no-op workflows measured")
+    scale.add_argument("--footprint-dag", type=int, default=400, help="DAG workflows measured")
+    scale.add_argument("--footprint-batch", type=int, default=1, help="workflows per request (1: POST /v1/workflows)")
+    scale.add_argument("--footprint-store-options", default="max_value_bytes=90000",
+                       help="the footprint store's url options (default: chunk values as on FoundationDB; '': plain)")
+    scale.add_argument("--rabbitmq-api", default=os.environ.get("RABBITMQ_API", "http://guest:guest@127.0.0.1:15672"),
+                       help="RabbitMQ's management API, for the bytes of each process's connections")
     args = parser.parse_args(argv)
-    if not 1 <= args.batch <= 1000:
-        parser.error("--batch must be between 1 and 1000")
+    if not 1 <= args.batch <= 1000 or not 1 <= args.footprint_batch <= 1000:
+        parser.error("--batch and --footprint-batch must be between 1 and 1000")
 
     # SIGTERM (e.g. from make or CI) unwinds like Ctrl-C, so the platform is stopped and cleaned up.
     signal.signal(signal.SIGTERM, _interrupt)
+    if args.scale or args.footprint:
+        sys.modules.setdefault("run", sys.modules[__name__])  # bench/scale.py imports this module as `run`
+        import scale
+
+        return scale.main(args)
     began = time.monotonic()
     log(f"Switchboard: {args.noop} no-op tasks, {args.workflows} DAG workflows, "
         f"{args.latency_tasks} latency tasks at {LATENCY_RATE:.0f}/s, "

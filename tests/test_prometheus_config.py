@@ -52,6 +52,8 @@ METRICS = {
     "switchboard_breaker_open", "switchboard_breaker_transitions_total", "switchboard_dead_letters",
     "switchboard_dlq_replays_total", "switchboard_messages_published_total", "switchboard_messages_consumed_total",
     "switchboard_amqp_reconnects_total", "switchboard_store_conflicts_total",
+    "switchboard_store_write_transactions_total", "switchboard_store_written_keys_total",
+    "switchboard_store_written_bytes_total", "switchboard_store_read_conflict_ranges_total",
 } | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
 # Gauges every replica reports alike (sampled from the store, registry, aggregator, DLQ): max(), never sum().
 MAX_GAUGES_SUMMED = re.compile(

@@ -511,3 +511,34 @@ async def test_read_transactions_see_committed_state(store):
     assert await store.read(lambda tr: tr.get(key)) == b"v1"
     await store.transact(lambda tr: tr.set(key, b"v2"))
     assert await store.read(lambda tr: tr.get_range(key, key + b"\x00")) == [(key, b"v2")]
+
+
+def _counted(tr, ns, key, other):
+    tr.get(key)
+    tr.get_range(*prefix_range(ns))
+    tr.set(key, b"value")
+    tr.clear(other)
+    tr.clear_range(*prefix_range(ns, "none"))
+
+
+async def test_transactions_report_what_they_read_and_wrote(backend, store, ns):
+    """Every backend counts, for the store.transaction event, the reads and the mutations of the attempt
+    that committed, below the chunking (a chunked value's keys count as FoundationDB stores them)."""
+    from switchboard import telemetry
+
+    recorder = telemetry.install(telemetry.Recorder())
+    key, other = pack(ns, "k"), pack(ns, "other")
+    try:
+        await store.transact(_counted, ns, key, other)
+        await store.read(lambda tr: tr.get(key))
+    finally:
+        telemetry.uninstall(recorder)
+    writer, reader = [e for e in recorder.named("store.transaction")]
+    assert writer["operation"] == "counted" and writer["reads"] >= 2
+    begin, end = prefix_range(ns, "none")
+    if backend.name == "sqlite":  # no chunking: exactly what fn did
+        assert writer["reads"] == 2 and writer["writes"] == 3
+        assert writer["written_bytes"] == len(key) + len(b"value") + len(other) + len(begin) + len(end)
+    else:  # ChunkedValues adds a range clear of the chunks to each set and clear (and a header byte)
+        assert writer["writes"] == 6 and writer["written_bytes"] > len(key) + len(b"value") + len(other)
+    assert reader["writes"] == 0 and reader["reads"] >= 1

@@ -142,3 +142,18 @@ def test_cache_lookups_and_reported_usage_are_counted_by_capability():
              value("switchboard_usage_tokens_total", capability="counted"),
              value("switchboard_usage_cost_total", capability="counted"))
     assert [a - b for a, b in zip(after, before)] == [1.0, 15.0, 0.25]
+
+
+def test_store_writes_are_counted_by_operation():
+    def value(name, operation):
+        return REGISTRY.get_sample_value(name, {"operation": operation}) or 0.0
+
+    names = ("switchboard_store_write_transactions_total", "switchboard_store_written_keys_total",
+             "switchboard_store_written_bytes_total", "switchboard_store_read_conflict_ranges_total")
+    before = [value(name, "countme") for name in names]
+    telemetry.emit("store.transaction", operation="countme", seconds=0.001, conflicts=0, reads=3, writes=2,
+                   written_bytes=40)
+    telemetry.emit("store.transaction", operation="countme", seconds=0.001, conflicts=0, reads=5, writes=0,
+                   written_bytes=0)  # read-only: no commit to count, no conflict ranges checked
+    assert [value(name, "countme") - b for name, b in zip(names, before)] == [1.0, 2.0, 40.0, 3.0]
+    assert REGISTRY.get_sample_value("switchboard_store_transaction_seconds_count", {"operation": "countme"}) == 2

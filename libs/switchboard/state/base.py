@@ -44,13 +44,23 @@ def operation(fn: Callable) -> str:
     return qualname.split(".<locals>")[0].rsplit(".", 1)[-1].strip("_") or "transaction"
 
 
-def observed(fn: Callable, began: float, conflicts: int) -> None:
-    """Reports one transaction (its time from `began`, retries included) to the telemetry seam."""
+def observed(fn: Callable, began: float, conflicts: int, tr: Transaction | None = None) -> None:
+    """Reports one transaction (its time from `began`, retries included, and what the attempt that
+    committed read and wrote, as counted by the backend's `tr`) to the telemetry seam."""
     telemetry.emit("store.transaction", operation=operation(fn), seconds=time.perf_counter() - began,
-                   conflicts=conflicts)
+                   conflicts=conflicts, reads=tr.reads if tr else 0, writes=tr.writes if tr else 0,
+                   written_bytes=tr.written_bytes if tr else 0)
 
 
 class Transaction(abc.ABC):
+    # What one attempt did, counted by the backends as FoundationDB sees it (below ChunkedValues, so a
+    # chunked value's keys count): reads are get and get_range calls, each one read conflict range if the
+    # transaction writes; writes are set, clear and clear_range calls, each a mutation and a write conflict
+    # range; written_bytes is their size (key + value of a set, the key or both bounds of a clear).
+    reads = 0
+    writes = 0
+    written_bytes = 0
+
     @abc.abstractmethod
     def get(self, key: bytes) -> bytes | None: ...
 

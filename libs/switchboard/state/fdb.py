@@ -43,19 +43,27 @@ class FdbTransaction(Transaction):
         self._tr = tr
 
     def get(self, key: bytes) -> bytes | None:
+        self.reads += 1
         value = self._tr.get(key).wait()
         return value.value if value.present() else None
 
     def set(self, key: bytes, value: bytes) -> None:
+        self.writes += 1
+        self.written_bytes += len(key) + len(value)
         self._tr.set(key, value)
 
     def clear(self, key: bytes) -> None:
+        self.writes += 1
+        self.written_bytes += len(key)
         self._tr.clear(key)
 
     def get_range(self, begin, end, *, limit=0, reverse=False):
+        self.reads += 1
         return [(kv.key, kv.value) for kv in self._tr.get_range(begin, end, limit=limit, reverse=reverse)]
 
     def clear_range(self, begin: bytes, end: bytes) -> None:
+        self.writes += 1
+        self.written_bytes += len(begin) + len(end)
         self._tr.clear_range(begin, end)
 
 
@@ -79,9 +87,10 @@ class FdbStore(Store):
         began = time.perf_counter()
         for attempt in range(_MAX_TRIES):
             try:
-                result = fn(ChunkedValues(FdbTransaction(tr), _VALUE_LIMIT), *args, **kwargs)
+                counted = FdbTransaction(tr)
+                result = fn(ChunkedValues(counted, _VALUE_LIMIT), *args, **kwargs)
                 tr.commit().wait()
-                observed(fn, began, attempt)
+                observed(fn, began, attempt, counted)
                 return result
             except fdb.FDBError as exc:
                 last = exc

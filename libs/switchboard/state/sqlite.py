@@ -32,16 +32,22 @@ class SqliteTransaction(Transaction):
         self._db = db
 
     def get(self, key: bytes) -> bytes | None:
+        self.reads += 1
         row = self._db.execute("SELECT v FROM kv WHERE k = ?", (key,)).fetchone()
         return row[0] if row else None
 
     def set(self, key: bytes, value: bytes) -> None:
+        self.writes += 1
+        self.written_bytes += len(key) + len(value)
         self._db.execute("INSERT OR REPLACE INTO kv (k, v) VALUES (?, ?)", (key, value))
 
     def clear(self, key: bytes) -> None:
+        self.writes += 1
+        self.written_bytes += len(key)
         self._db.execute("DELETE FROM kv WHERE k = ?", (key,))
 
     def get_range(self, begin, end, *, limit=0, reverse=False):
+        self.reads += 1
         order = "DESC" if reverse else "ASC"
         rows = self._db.execute(
             f"SELECT k, v FROM kv WHERE k >= ? AND k < ? ORDER BY k {order} LIMIT ?",
@@ -50,6 +56,8 @@ class SqliteTransaction(Transaction):
         return rows.fetchall()
 
     def clear_range(self, begin: bytes, end: bytes) -> None:
+        self.writes += 1
+        self.written_bytes += len(begin) + len(end)
         self._db.execute("DELETE FROM kv WHERE k >= ? AND k < ?", (begin, end))
 
 
@@ -102,12 +110,12 @@ class SqliteStore(Store):
                 _backoff(attempt)
                 continue
             try:
-                tr = SqliteTransaction(db)
+                tr = counted = SqliteTransaction(db)
                 if self._max_value_bytes:
                     tr = ChunkedValues(tr, self._max_value_bytes)
                 result = fn(tr, *args, **kwargs)
                 db.execute("COMMIT")
-                observed(fn, began, attempt)
+                observed(fn, began, attempt, counted)
                 return result
             except BaseException:
                 if db.in_transaction:

@@ -18,7 +18,8 @@ Events (name: fields):
   workflow.finished: status, duration_s         dead_letter.replayed: (none)
   breaker.changed: breaker, state (open, half_open, closed)
   message.published: kind                       message.consumed: kind, outcome (ok, requeued, dead_lettered, dropped)
-  amqp.reconnected: (none)                      store.transaction: operation, seconds, conflicts
+  amqp.reconnected: (none)
+  store.transaction: operation, seconds, conflicts, reads, writes, written_bytes (of the attempt that committed)
   agents.counted: counts ({status: n})          dead_letters.counted: counts ({reason: n})
   workflows.sampled: in_flight, queued ({priority: n}), dependencies_pending
   cache.looked_up: capability, outcome (hit, miss, expired)

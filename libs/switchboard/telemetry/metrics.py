@@ -64,6 +64,17 @@ USAGE_COST = Counter("switchboard_usage_cost_total", "Cost that handlers reporte
                      "in the store)", ["capability"])
 STORE_CONFLICTS = Counter("switchboard_store_conflicts_total", "State store transactions retried after a "
                           "conflict or a busy lock")
+# What committed transactions that wrote did, as FoundationDB counts it (state.base.Transaction).
+STORE_WRITE_TRANSACTIONS = Counter("switchboard_store_write_transactions_total", "State store transactions that "
+                                   "wrote (read-only ones are only in switchboard_store_transaction_seconds)",
+                                   ["operation"])
+STORE_WRITTEN_KEYS = Counter("switchboard_store_written_keys_total", "Keys set or cleared by committed "
+                             "transactions (a range clear counts once)", ["operation"])
+STORE_WRITTEN_BYTES = Counter("switchboard_store_written_bytes_total", "Bytes set or cleared by committed "
+                              "transactions: keys and values", ["operation"])
+STORE_READ_CONFLICT_RANGES = Counter("switchboard_store_read_conflict_ranges_total", "Reads (a key or a range) "
+                                     "in committed transactions that wrote: each one a read conflict range",
+                                     ["operation"])
 
 PRIORITIES = ("CRITICAL", "HIGH", "NORMAL", "LOW")
 
@@ -99,6 +110,9 @@ class Metrics(Plugin):
         self.workflows, self.workflow_seconds = _Children(WORKFLOWS_FINISHED), _Children(WORKFLOW_SECONDS)
         self.published, self.consumed = _Children(MESSAGES_PUBLISHED), _Children(MESSAGES_CONSUMED)
         self.store_seconds, self.http_seconds = _Children(STORE_SECONDS), _Children(HTTP_SECONDS)
+        self.store_writers, self.store_keys, self.store_bytes, self.store_read_ranges = (
+            _Children(STORE_WRITE_TRANSACTIONS), _Children(STORE_WRITTEN_KEYS), _Children(STORE_WRITTEN_BYTES),
+            _Children(STORE_READ_CONFLICT_RANGES))
         self.cache_lookups, self.usage_tokens, self.usage_cost = (_Children(CACHE_LOOKUPS), _Children(USAGE_TOKENS),
                                                                   _Children(USAGE_COST))
 
@@ -151,10 +165,17 @@ class Metrics(Plugin):
     def on_amqp_reconnected(self) -> None:
         AMQP_RECONNECTS.inc()
 
-    def on_store_transaction(self, operation: str, seconds: float, conflicts: int) -> None:
+    def on_store_transaction(self, operation: str, seconds: float, conflicts: int, reads: int = 0, writes: int = 0,
+                             written_bytes: int = 0) -> None:
         self.store_seconds(operation).observe(seconds)
         if conflicts:
             STORE_CONFLICTS.inc(conflicts)
+        if writes:
+            self.store_writers(operation).inc()
+            self.store_keys(operation).inc(writes)
+            self.store_bytes(operation).inc(written_bytes)
+            if reads:
+                self.store_read_ranges(operation).inc(reads)
 
     def on_agents_counted(self, counts: dict[str, int]) -> None:
         for status, n in counts.items():
