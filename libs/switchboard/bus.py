@@ -51,6 +51,13 @@ TRANSIENT = (Transient, StoreUnavailable, aio_pika.exceptions.AMQPError, aiormq.
              aiormq.exceptions.ChannelInvalidStateError, ConnectionError)
 
 
+# RabbitMQ closes a channel whose delivery stays unacked past its consumer timeout (30 min by default).
+# Consumers that hold a message as long as its work takes (an agent's tasks; a task waiting for its
+# admission) ask to be exempt: RabbitMQ >= 3.12 honours this per consumer, older brokers need
+# consumer_timeout raised in rabbitmq.conf. The coordinator's watchdog decides when a task is overdue.
+LONG_HELD = {"x-consumer-timeout": 8 * 24 * 3600 * 1000}
+
+
 class Consumer:
     """Consumes one or more queues on one channel with manual acks."""
 

@@ -37,7 +37,7 @@ import orjson
 from aio_pika.abc import AbstractIncomingMessage
 
 from switchboard import runtime, tasklog, telemetry, usage
-from switchboard.bus import Consumer, Transient
+from switchboard.bus import LONG_HELD, Consumer, Transient
 from switchboard.codec import Codec, CodecError
 from switchboard.protocol import ConcurrencyLimit, Envelope, MessageType, RateLimit, WorkflowSpec, validate_workflow
 from switchboard.reporter import Reporter
@@ -52,10 +52,6 @@ _CONTEXT_QUERY_S = 10.0  # how long a new attempt waits to learn its checkpoint 
 _CANCELLED_MEMORY = 10_000  # workflow ids remembered as cancelled, oldest forgotten first
 STARTED_AFTER_S = 0.02
 _CONTROL_QUERY_S = 5.0  # how long a starting agent waits to learn whether an emergency stop is on
-# RabbitMQ closes a channel whose delivery stays unacked past its consumer timeout (30 min by default).
-# Agents ask to be exempt (RabbitMQ ≥ 3.12 honours this per consumer; older brokers need consumer_timeout
-# raised in rabbitmq.conf): the coordinator's watchdog, not the broker, decides when a task is overdue.
-_CONSUMER_TIMEOUT_MS = 8 * 24 * 3600 * 1000
 
 
 class TaskError(Exception):
@@ -345,7 +341,7 @@ class Agent(runtime.Service):
                                                         passive=self.bus.restricted)
             await self.consume(queue, self._on_event, prefetch=self.concurrency)
         self._tasks = await self.consume(queues, self._on_task, prefetch=self.concurrency, paused=True,
-                                         arguments={"x-consumer-timeout": _CONSUMER_TIMEOUT_MS})
+                                         arguments=LONG_HELD)
         if self.host is not None and self.host.stopped is not None:
             self._stopped = self.host.stopped  # asked once for all its agents
         else:

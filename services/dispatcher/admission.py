@@ -18,6 +18,7 @@ import logging
 import time
 
 from switchboard import limits
+from switchboard.bus import LONG_HELD
 from switchboard.protocol import Envelope
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class Admission:
         self.depths: dict[str, tuple[float, int]] = {}  # capability → (when read, ready messages)
 
     async def start(self) -> None:
-        self.consumer = await self.bus.consume([], self.admit, prefetch=1)
+        self.consumer = await self.bus.consume([], self.admit, prefetch=1, arguments=LONG_HELD)
         await self.dispatcher.consume(self.bus.topology.limits, self.on_released, prefetch=64)
         await self.refresh()
 
