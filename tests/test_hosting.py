@@ -90,7 +90,9 @@ async def test_1000_agents_in_4_processes_register_share_the_work_and_stop_quiet
             "tests.many_agents:build", env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     topology = Topology(settings.namespace)
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=120) as client:
+        # Idle connections expire before the server closes them (uvicorn: 5 s), so none is reused as it closes.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{settings.api_port}", timeout=120,
+                                     limits=httpx.Limits(keepalive_expiry=1.0)) as client:
             async def all_alive() -> bool:
                 try:
                     return len(await alive(client, "host")) == 1000
@@ -98,7 +100,7 @@ async def test_1000_agents_in_4_processes_register_share_the_work_and_stop_quiet
                     return False
 
             began = time.monotonic()
-            await wait_for(all_alive, timeout=120, what="1,000 hosted agents registered")
+            await wait_for(all_alive, timeout=120, interval=0.5, what="1,000 hosted agents registered")
             registered = time.monotonic() - began
             counts = await ran_on(client, await submit_all(client, fan(2000, 0.02)))
             ran = time.monotonic() - began - registered

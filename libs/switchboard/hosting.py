@@ -22,7 +22,7 @@ from switchboard.sdk import Agent
 
 log = logging.getLogger(__name__)
 
-START_AT_ONCE = 32  # agents starting at the same time: each declares its queues and opens two channels
+START_AT_ONCE = 64  # agents starting at the same time: each declares its queues and opens two channels
 
 
 class AgentHost(runtime.Service):
@@ -54,6 +54,7 @@ class AgentHost(runtime.Service):
             batch = rest[begin:begin + START_AT_ONCE]
             await asyncio.gather(*(agent.start() for agent in batch))
             self.started.extend(batch)
+        await self._beat()  # registers them all
         self.every(self.settings.heartbeat_interval_s, self._beat, "heartbeat")
         log.info("hosting %d agents", len(self.started))
 

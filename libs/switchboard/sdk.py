@@ -346,7 +346,8 @@ class Agent(runtime.Service):
             self._stopped = self.host.stopped  # asked once for all its agents
         else:
             self._stopped = (await self._query_control()).get("stopped", False)
-        await self._send_heartbeat("agent.heartbeat")
+        if self.host is None:  # a host reports its agents together, once they have all started
+            await self._send_heartbeat("agent.heartbeat")
         if not self._stopped:
             await self._tasks.resume()
         if self.host is None:
