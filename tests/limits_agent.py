@@ -3,8 +3,8 @@
     python -m tests.limits_agent --name N --log FILE [--concurrency C]
 
 Its "limited" handler appends {"agent", "id", "key", "start"} to FILE as it starts (one flushed write, so
-the line survives a SIGKILL), sleeps the payload's `sleep_s`, then appends {"id", "end"}: the handlers'
-own timestamps, by which the tests count rates and overlaps. Other settings come from SWITCHBOARD_*.
+the line survives a SIGKILL), sleeps the payload's `sleep_s`, then appends {"agent", "id", "end"}: the
+handlers' own timestamps, by which the tests count rates and overlaps. Other settings come from SWITCHBOARD_*.
 """
 
 from __future__ import annotations
@@ -33,20 +33,21 @@ async def spawn(settings: Settings, name: str, log: str, *extra: str):
 
 def runs(log: str) -> list[dict]:
     """Each run: {agent, id, key, start, end (None if it never ended)}, by start."""
-    by_start: dict[tuple, dict] = {}
-    ends: dict[str, list[float]] = {}
+    starts: list[dict] = []
+    ends: dict[tuple[str, str], list[float]] = {}  # (agent, id) → its ends: a killed agent's run has none
     with open(log, "rb") as f:
         for entry in map(orjson.loads, f.read().splitlines()):
             if "start" in entry:
-                by_start[(entry["id"], entry["start"])] = {**entry, "end": None}
+                starts.append({**entry, "end": None})
             else:
-                ends.setdefault(entry["id"], []).append(entry["end"])
-    out = sorted(by_start.values(), key=lambda r: r["start"])
-    for run in out:  # the earliest end after its start
-        later = [e for e in ends.get(run["id"], []) if e >= run["start"]]
+                ends.setdefault((entry["agent"], entry["id"]), []).append(entry["end"])
+    out = sorted(starts, key=lambda r: r["start"])
+    for run in out:  # the earliest end after its start, on the same agent
+        mine = ends.get((run["agent"], run["id"]), [])
+        later = [e for e in mine if e >= run["start"]]
         if later:
             run["end"] = min(later)
-            ends[run["id"]].remove(run["end"])
+            mine.remove(run["end"])
     return out
 
 
@@ -86,7 +87,7 @@ def main() -> None:
         os.write(fd, orjson.dumps({"agent": args.name, "id": task.payload["id"], "key": task.payload.get("key"),
                                    "start": time.time()}) + b"\n")
         await asyncio.sleep(task.payload.get("sleep_s", 0))
-        os.write(fd, orjson.dumps({"id": task.payload["id"], "end": time.time()}) + b"\n")
+        os.write(fd, orjson.dumps({"agent": args.name, "id": task.payload["id"], "end": time.time()}) + b"\n")
         return {"agent": args.name}
 
     agent.run()

@@ -940,9 +940,9 @@ class WorkflowStore:
         """Whether a parked task may go on now, under its gate's limits: ("admitted", None), ("wait",
         when to try again or None for when a slot is freed) or ("drop", None) if it should not run at all
         (its workflow ended, or this attempt is over)."""
-        now = time.time()
 
         def txn(tr: Transaction) -> tuple[str, float | None]:
+            now = time.time()  # when it runs, after any wait for the store: a bucket moves on from then
             if self._attempt_over(tr, env.workflow_id, env.task_id, env.attempt) or \
                     self._read_wf(tr, env.workflow_id)["status"] in TERMINAL_WORKFLOW:
                 return "drop", None
