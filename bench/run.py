@@ -120,19 +120,26 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def listener_pid(port: int) -> int | None:
-    """The process listening on this local TCP port (via /proc/net/tcp*), if we may see it."""
-    inodes = set()
+TCP_LISTEN, TCP_ESTABLISHED = "0A", "01"
+
+
+def tcp_sockets():
+    """(state, local port, remote port, fd link "socket:[inode]") of every TCP socket in /proc/net/tcp*."""
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             with open(table) as f:
                 next(f)
                 for line in f:
                     fields = line.split()
-                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                        inodes.add(f"socket:[{fields[9]}]")
+                    yield (fields[3], int(fields[1].rsplit(":", 1)[1], 16), int(fields[2].rsplit(":", 1)[1], 16),
+                           f"socket:[{fields[9]}]")
         except OSError:
             continue
+
+
+def listener_pid(port: int) -> int | None:
+    """The process listening on this local TCP port (via /proc/net/tcp*), if we may see it."""
+    inodes = {link for state, local, _, link in tcp_sockets() if state == TCP_LISTEN and local == port}
     if not inodes:
         return None
     for entry in os.listdir("/proc"):

@@ -240,17 +240,8 @@ def report_scale(scale: dict) -> None:
 # ---------------------------------------------------------------------------------------------------
 def amqp_local_ports(pids: dict[str, int], broker_port: int) -> dict[str, set[int]]:
     """The local ports of each process's connections to the broker (via /proc/net/tcp* and its fds)."""
-    by_inode: dict[str, int] = {}
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f)
-                for line in f:
-                    fields = line.split()
-                    if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == broker_port:
-                        by_inode[f"socket:[{fields[9]}]"] = int(fields[1].rsplit(":", 1)[1], 16)
-        except OSError:
-            continue
+    by_inode = {link: local for state, local, remote, link in bench.tcp_sockets()
+                if state == bench.TCP_ESTABLISHED and remote == broker_port}
     ports: dict[str, set[int]] = {}
     for name, pid in pids.items():
         try:

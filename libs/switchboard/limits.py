@@ -152,10 +152,6 @@ def gates(tr: Transaction, ns: str) -> list[dict]:
     return [orjson.loads(raw) for _, raw in tr.get_range(*prefix_range(ns, "limit-gate"))]
 
 
-def drop_gate(tr: Transaction, ns: str, gate: dict) -> None:
-    tr.clear(pack(ns, "limit-gate", gate["capability"], gate["id"]))
-
-
 def rate_numbers(gate_rate: dict, changed: dict) -> tuple[float, int]:
     return float(changed.get("per_s", gate_rate["per_s"])), int(changed.get("burst", gate_rate["burst"]))
 
@@ -219,9 +215,9 @@ def admit(tr: Transaction, ns: str, gate: dict, wf_id: str, task_id: str, attemp
     return True, None
 
 
-def usage(tr: Transaction, ns: str, now: float, limit: int = 1000) -> list[dict]:
+def usage(tr: Transaction, ns: str, now: float, limit: int = 1000, only: str | None = None) -> list[dict]:
     """Each key's numbers and current use, for GET /v1/limits: what its gates, buckets, slots and an
-    operator's changes say. At most `limit` keys."""
+    operator's changes say. At most `limit` keys; with `only`, that key alone (if it is known)."""
     keys: dict[str, dict] = {}
 
     def entry(key: str) -> dict:
@@ -241,7 +237,7 @@ def usage(tr: Transaction, ns: str, now: float, limit: int = 1000) -> list[dict]
     for key, raw in tr.get_range(*prefix_range(ns, "limit-set")):
         entry(unpack(key)[-1])["changed"] = orjson.loads(raw)
     out = []
-    for key in sorted(keys)[:limit]:
+    for key in ([only] if only in keys else []) if only is not None else sorted(keys)[:limit]:
         e = keys[key]
         changed = e["changed"] or {}
         if e["rate"] is not None or "per_s" in changed:

@@ -15,6 +15,7 @@ from switchboard import limits
 __all__ = [
     "Budget",
     "CachePolicy",
+    "CapabilityLimits",
     "ConcurrencyLimit",
     "Envelope",
     "InvalidSpec",
@@ -135,6 +136,19 @@ class ConcurrencyLimit(BaseModel):
 
     key: str = Field(min_length=1, max_length=256, description='a template over the task: "tenant:{payload.tenant}"')
     max: int = Field(ge=1, le=1_000_000, strict=True)
+
+
+class CapabilityLimits(BaseModel):
+    """A capability's default limits: what its tasks get when they set none of their own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate_limit: RateLimit | None = None
+    concurrency: ConcurrencyLimit | None = None
+
+    def stored(self) -> dict:
+        """As the store keeps them: only the limits set, as JSON."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class Budget(BaseModel):

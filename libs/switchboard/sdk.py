@@ -39,7 +39,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from switchboard import runtime, tasklog, telemetry, usage
 from switchboard.bus import LONG_HELD, Consumer, Transient
 from switchboard.codec import Codec, CodecError
-from switchboard.protocol import ConcurrencyLimit, Envelope, MessageType, RateLimit, WorkflowSpec, validate_workflow
+from switchboard.protocol import CapabilityLimits, Envelope, MessageType, WorkflowSpec, validate_workflow
 from switchboard.reporter import Reporter
 from switchboard.settings import Settings, get_settings
 from switchboard.telemetry import TaskRun
@@ -280,9 +280,7 @@ class Agent(runtime.Service):
         `concurrency` ({key, max}) declare the capability's default limits (switchboard.limits): tasks
         submitted once the agent registered, that set none of their own, get them, unless an operator
         set the capability's defaults."""
-        declared = {"rate_limit": RateLimit.model_validate(rate_limit) if rate_limit else None,
-                    "concurrency": ConcurrencyLimit.model_validate(concurrency) if concurrency else None}
-        declared = {k: v.model_dump(mode="json") for k, v in declared.items() if v is not None}
+        declared = CapabilityLimits(rate_limit=rate_limit or None, concurrency=concurrency or None).stored()
 
         def register(fn: TaskHandler) -> TaskHandler:
             self.handlers[capability] = fn

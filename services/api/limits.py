@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from switchboard import limits
-from switchboard.protocol import ConcurrencyLimit, RateLimit
+from switchboard.protocol import CapabilityLimits
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -40,15 +40,6 @@ class LimitChange(BaseModel):
         if self.per_s is None and self.burst is None and self.max is None:
             raise ValueError("give per_s and/or burst (a rate limit), or max (a concurrency limit)")
         return self
-
-
-class CapabilityLimits(BaseModel):
-    """What tasks of a capability get when they set no limit of their own."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    rate_limit: RateLimit | None = None
-    concurrency: ConcurrencyLimit | None = None
 
 
 class KeyUsage(BaseModel):
@@ -110,8 +101,8 @@ def add_routes(app: FastAPI, service: Api, allow) -> None:
         return Response(status_code=204)
 
     async def one(key: str) -> dict:
-        entries = await store.read(lambda tr: limits.usage(tr, ns, time.time()))
-        entry = next((e for e in entries if e["key"] == key), None)
+        entries = await store.read(lambda tr: limits.usage(tr, ns, time.time(), only=key))
+        entry = entries[0] if entries else None
         if entry is None:
             raise ApiError(404, "limit_not_found", f"no limit {key!r}")
         entry["waiting"] = await waiting(entry.pop("gates"))
@@ -124,7 +115,7 @@ def add_routes(app: FastAPI, service: Api, allow) -> None:
         """The capability's default limits, for workflows submitted from now on (an agent's declared ones
         apply where no operator set any). Keys are templates over the task; a field a task lacks renders
         empty."""
-        value = body.model_dump(mode="json", exclude_none=True)
+        value = body.stored()
         if not value:
             raise ApiError(422, "invalid_limits", "give rate_limit and/or concurrency (DELETE removes them)")
         for limit in value.values():

@@ -57,8 +57,9 @@ class Admission:
 
     async def _consume(self, gate: dict) -> None:
         if gate["id"] not in self.consumed:
-            await self.bus.ensure_work_queue(self.bus.topology.limited_queue(gate["id"]))
-            await self.consumer.add(self.bus.topology.limited_queue(gate["id"]))
+            queue = self.bus.topology.limited_queue(gate["id"])
+            await self.bus.ensure_work_queue(queue)
+            await self.consumer.add(queue)
             self.consumed.add(gate["id"])
 
     async def park(self, env: Envelope, gate: dict) -> None:

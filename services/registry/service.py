@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from switchboard import limits, stream, telemetry
 from switchboard.bus import Transient
-from switchboard.protocol import ConcurrencyLimit, Envelope, RateLimit
+from switchboard.protocol import CapabilityLimits, Envelope
 from switchboard.registry import RegistryClient
 from switchboard.runtime import Service
 
@@ -76,11 +76,9 @@ class Registry(Service):
     async def _declare(self, agent: str, capabilities: list, declared: object) -> None:
         """Stores the default limits an agent declares for capabilities it serves, when they change."""
         try:
-            checked = {capability: {kind: model.model_validate(value[kind]).model_dump(mode="json")
-                                    for kind, model in (("rate_limit", RateLimit), ("concurrency", ConcurrencyLimit))
-                                    if value.get(kind)}
+            checked = {capability: CapabilityLimits.model_validate(value).stored()
                        for capability, value in dict(declared).items() if capability in capabilities}
-        except (ValidationError, TypeError, ValueError, AttributeError) as exc:
+        except (ValidationError, TypeError, ValueError) as exc:
             log.warning("agent %s declares limits that are not valid, ignored: %s", agent, exc)
             return
         changed = {c: v for c, v in checked.items() if v and self.declared.get(c) != v}
