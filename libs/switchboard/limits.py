@@ -161,8 +161,10 @@ def holders(tr: Transaction, ns: str, key: str) -> list[tuple[str, str, int]]:
             tr.get_range(*prefix_range(ns, "limit-hold", key))]
 
 
-def hold(tr: Transaction, ns: str, key: str, wf_id: str, task_id: str, attempt: int, now: float) -> None:
-    tr.set(pack(ns, "limit-hold", key, wf_id, task_id), orjson.dumps({"attempt": attempt, "at": now}))
+def hold(tr: Transaction, ns: str, key: str, wf_id: str, task_id: str, attempt: int, now: float,
+         parked: str | None = None) -> None:
+    tr.set(pack(ns, "limit-hold", key, wf_id, task_id),
+           orjson.dumps({"attempt": attempt, "at": now, "parked": parked}))
 
 
 def carry(tr: Transaction, ns: str, key: str, wf_id: str, task_id: str, attempt: int, now: float) -> None:
@@ -181,16 +183,21 @@ def release(tr: Transaction, ns: str, key: str, wf_id: str, task_id: str) -> boo
 
 
 def admit(tr: Transaction, ns: str, gate: dict, wf_id: str, task_id: str, attempt: int, now: float,
-          is_over) -> tuple[bool, float | None]:
-    """Takes a slot and a token for this attempt if both are free. Returns (True, None) when admitted,
-    else (False, when to try again: a time, or None for when a slot is freed). `is_over(tr, wf_id,
-    task_id, attempt)` says whether a holder's attempt has ended, for slots whose release was missed."""
+          is_over, parked: str | None) -> tuple[str, float | None]:
+    """Takes a slot and a token for this attempt if both are free. Returns ("admitted", None); or
+    ("wait", when to try again: a time, or None for when a slot is freed); or ("copy", None) for another
+    copy of a task that was admitted already. `parked` names the parking of this copy: a dispatcher that
+    died before it acked the message it parked leaves two, parked twice. `is_over(tr, wf_id, task_id,
+    attempt)` says whether a holder's attempt has ended, for slots whose release was missed."""
     conc = gate.get("concurrency")
     if conc:
         key = conc["key"]
-        mine = tr.get(pack(ns, "limit-hold", key, wf_id, task_id))
-        if mine is not None and orjson.loads(mine)["attempt"] == attempt:
-            return True, None  # admitted already: this is a redelivery of the message that was sent on
+        raw = tr.get(pack(ns, "limit-hold", key, wf_id, task_id))
+        mine = orjson.loads(raw) if raw is not None else None
+        if mine is not None and mine["attempt"] == attempt:
+            # Admitted already. This very copy: the dispatcher that admitted it died, maybe before it
+            # sent it on, so it is sent (again). Another copy: the one admitted went on.
+            return ("admitted" if mine.get("parked") == parked else "copy"), None
         limit = int(override(tr, ns, key).get("max", conc["max"]))
         held = [h for h in holders(tr, ns, key) if h[:2] != (wf_id, task_id)]
         if len(held) >= limit:
@@ -199,7 +206,7 @@ def admit(tr: Transaction, ns: str, gate: dict, wf_id: str, task_id: str, attemp
                     release(tr, ns, key, holder[0], holder[1])
                     held.remove(holder)
             if len(held) >= limit:
-                return False, None
+                return "wait", None
     rate = gate.get("rate")
     if rate:
         key = rate["key"]
@@ -208,11 +215,11 @@ def admit(tr: Transaction, ns: str, gate: dict, wf_id: str, task_id: str, attemp
         tat = max(orjson.loads(raw)["tat"] if raw else 0.0, now)
         interval = 1.0 / per_s
         if tat - now > (burst - 1) * interval + 1e-9:
-            return False, tat - (burst - 1) * interval
+            return "wait", tat - (burst - 1) * interval
         tr.set(pack(ns, "limit-rate", key), orjson.dumps({"tat": tat + interval, "per_s": per_s, "burst": burst}))
     if conc:
-        hold(tr, ns, conc["key"], wf_id, task_id, attempt, now)
-    return True, None
+        hold(tr, ns, conc["key"], wf_id, task_id, attempt, now, parked)
+    return "admitted", None
 
 
 def usage(tr: Transaction, ns: str, now: float, limit: int = 1000, only: str | None = None) -> list[dict]:

@@ -938,17 +938,19 @@ class WorkflowStore:
 
     async def admit(self, env: Envelope, gate: dict) -> tuple[str, float | None]:
         """Whether a parked task may go on now, under its gate's limits: ("admitted", None), ("wait",
-        when to try again or None for when a slot is freed) or ("drop", None) if it should not run at all
-        (its workflow ended, or this attempt is over)."""
+        when to try again or None for when a slot is freed) or ("drop", None) if it should not run at all:
+        its workflow ended, or the task no longer waits to run this attempt (it is over, or it runs
+        already), or this is another copy of a task admitted already (limits.admit)."""
 
         def txn(tr: Transaction) -> tuple[str, float | None]:
             now = time.time()  # when it runs, after any wait for the store: a bucket moves on from then
-            if self._attempt_over(tr, env.workflow_id, env.task_id, env.attempt) or \
+            task = self._read_task(tr, env.workflow_id, env.task_id)
+            if task["status"] != "queued" or task["attempts"] >= env.attempt or \
                     self._read_wf(tr, env.workflow_id)["status"] in TERMINAL_WORKFLOW:
                 return "drop", None
-            admitted, retry_at = limits.admit(tr, self.ns, gate, env.workflow_id, env.task_id, env.attempt, now,
-                                              self._attempt_over)
-            return ("admitted", None) if admitted else ("wait", retry_at)
+            outcome, retry_at = limits.admit(tr, self.ns, gate, env.workflow_id, env.task_id, env.attempt, now,
+                                             self._attempt_over, env.payload.get("parked"))
+            return ("drop" if outcome == "copy" else outcome), retry_at
 
         try:
             return await self.store.transact(txn)

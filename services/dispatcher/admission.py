@@ -19,7 +19,7 @@ import time
 
 from switchboard import limits
 from switchboard.bus import LONG_HELD
-from switchboard.protocol import Envelope
+from switchboard.protocol import Envelope, new_id
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,10 @@ class Admission:
             self.consumed.add(gate["id"])
 
     async def park(self, env: Envelope, gate: dict) -> None:
-        """Queues a task with limits behind its gate."""
+        """Queues a task with limits behind its gate, naming this parking: a task parked twice (its
+        message redelivered from the dispatch queue) is then admitted once. An admitted task that comes
+        back through routing (from a paused or hold queue) keeps its name, and so its admission."""
+        env.payload.setdefault("parked", new_id())
         now = time.monotonic()
         if now - self.noted.get(gate["id"], -NOTE_EVERY_S) >= NOTE_EVERY_S:
             await self.store.transact(lambda tr: limits.note_gate(tr, self.ns, gate))
