@@ -21,6 +21,7 @@ its workflow and the workflow's ancestors; one that crosses a budget stops that 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import random
@@ -194,6 +195,9 @@ class WorkflowStore:
         self.source = "workflows"
         self.platform_user = amqp_username(settings.amqp_url) or "guest"  # the services' broker user
         self.cache_secret = cache.secret(settings.payload_keys)  # keys the cache's payload digests
+        self._notes: dict[tuple[str, str], str] = {}  # waiting reasons to write in the next transaction
+        self._notes_written: asyncio.Future | None = None
+        self._note_writer: asyncio.Task | None = None
 
     # ---- keys and records -------------------------------------------------------------------------
     def _wf_key(self, wf_id: str) -> bytes:
@@ -958,18 +962,42 @@ class WorkflowStore:
             return "drop", None
 
     async def note_waiting(self, wf_id: str, task_id: str, reason: str) -> None:
-        """Records why a queued task is not running yet (shown as its `reason`)."""
+        """Records why a queued task is not running yet (shown as its `reason`). Notes made while one
+        transaction writes them join the next: parking a burst of tasks costs a few transactions, not
+        one each, so they do not delay the admissions and results that wait behind them in the store.
+        The batch is bounded by its callers, who each wait for theirs to be written."""
+        self._notes[(wf_id, task_id)] = reason
+        if self._notes_written is None:
+            self._notes_written = asyncio.get_running_loop().create_future()
+        written = self._notes_written
+        if self._note_writer is None:
+            self._note_writer = asyncio.create_task(self._write_notes())
+        await asyncio.shield(written)
 
-        def txn(tr: Transaction) -> None:
+    async def _write_notes(self) -> None:
+        try:
+            while self._notes:
+                notes, written = self._notes, self._notes_written
+                self._notes, self._notes_written = {}, None
+                try:
+                    await self.store.transact(lambda tr: self._note_reasons(tr, notes))
+                except BaseException as exc:
+                    written.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
+                    written.exception()  # retrieved here too: its callers may have gone
+                    raise
+                written.set_result(None)
+        finally:
+            self._note_writer = None
+
+    def _note_reasons(self, tr: Transaction, notes: dict[tuple[str, str], str]) -> None:
+        for (wf_id, task_id), reason in notes.items():
             raw = tr.get(self._task_key(wf_id, task_id))
             if raw is None:
-                return
+                continue
             task = orjson.loads(raw)
             if task["status"] in ("queued", "pending") and task["reason"] != reason:
                 task["reason"] = reason
                 self._write_task(tr, wf_id, task)
-
-        await self.store.transact(txn)
 
     # ---- human input -------------------------------------------------------------------------------
     async def answer(self, wf_id: str, task_id: str, answer: Any) -> tuple[dict, Envelope, str | None, FollowUps]:

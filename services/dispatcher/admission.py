@@ -35,7 +35,7 @@ class Admission:
         self.bus, self.store, self.workflows = dispatcher.bus, dispatcher.store, dispatcher.workflows
         self.ns = dispatcher.settings.namespace
         self.consumer = None
-        self.consumed: set[str] = set()  # gate ids whose queue this replica consumes
+        self.consumed: dict[str, asyncio.Future] = {}  # gate id → this replica's start of consuming its queue
         self.noted: dict[str, float] = {}  # gate id → when this replica last noted it in the store
         self.waiting: set[str] = set()  # gates whose first task may not go yet
         self.freed: dict[str, asyncio.Event] = {}  # concurrency key → set when one of its slots was freed
@@ -56,16 +56,26 @@ class Admission:
             await self._consume(gate)
 
     async def _consume(self, gate: dict) -> None:
-        if gate["id"] not in self.consumed:
-            queue = self.bus.topology.limited_queue(gate["id"])
-            await self.bus.ensure_work_queue(queue)
-            await self.consumer.add(queue)
-            self.consumed.add(gate["id"])
+        """Consumes the gate's queue once: parkers of a burst wait for the one consumer, since a second
+        (prefetch 1 each) would hold, and admit, two of the gate's tasks at once."""
+        started = self.consumed.get(gate["id"])
+        if started is None:
+            started = self.consumed[gate["id"]] = asyncio.ensure_future(self._start_consuming(gate["id"]))
+        try:
+            await asyncio.shield(started)
+        except Exception:
+            if self.consumed.get(gate["id"]) is started:
+                del self.consumed[gate["id"]]  # the next parker tries again
+            raise
+
+    async def _start_consuming(self, gate_id: str) -> None:
+        queue = self.bus.topology.limited_queue(gate_id)
+        await self.bus.ensure_work_queue(queue)
+        await self.consumer.add(queue)
 
     async def park(self, env: Envelope, gate: dict) -> None:
         """Queues a task with limits behind its gate, naming this parking: a task parked twice (its
-        message redelivered from the dispatch queue) is then admitted once. An admitted task that comes
-        back through routing (from a paused or hold queue) keeps its name, and so its admission."""
+        message redelivered from the dispatch queue) is then admitted once."""
         env.payload.setdefault("parked", new_id())
         now = time.monotonic()
         if now - self.noted.get(gate["id"], -NOTE_EVERY_S) >= NOTE_EVERY_S:
