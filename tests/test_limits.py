@@ -237,3 +237,24 @@ async def test_an_agent_declares_its_capabilitys_default_limits_and_an_operators
     assert view["status"] == "succeeded" and limits_agent.most_at_once(runs, until=time.time()) > 1
     keys = {k["key"] for k in (await platform.client.get("/v1/limits")).json()["keys"]}
     assert {"limited", "limited-wide"} <= keys
+
+
+async def test_an_admitted_task_held_for_want_of_an_agent_keeps_its_slot_and_goes_first(platform):
+    # The first task is admitted, then held: no agent serves the capability yet. The next waits for
+    # the slot the held one has; when an agent comes, the held one must go on without a new admission.
+    wf_id = await platform.submit(spec(3, sleep_s=0.05, concurrency={"key": "solo", "max": 1}))
+
+    async def reasons() -> set[str]:
+        tasks = (await platform.client.get(f"/v1/workflows/{wf_id}")).json()["tasks"]
+        return {t["reason"] for t in tasks if t["reason"]}
+
+    await wait_for(lambda: _both_reasons(reasons), what="one task held for an agent, one for the slot")
+    runs = await timed_agent(platform)
+    assert (await platform.wait(wf_id))["status"] == "succeeded"
+    assert len(runs) == 3 and limits_agent.most_at_once(runs, until=time.time()) == 1
+
+
+async def _both_reasons(reasons) -> bool:
+    shown = await reasons()
+    return (any("waiting for a live agent" in r for r in shown)
+            and any("concurrency limit 'solo' max 1" in r for r in shown))

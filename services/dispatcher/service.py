@@ -54,13 +54,19 @@ class Dispatcher(Service):
         self.drainers.clear()
 
     async def route(self, env: Envelope, message=None) -> None:
-        if env.type != MessageType.TASK or not env.workflow_id or not env.task_id:
-            raise ValueError(f"not a task message: type={env.type.value} subject={env.subject!r}")
+        _check_task(env)
         gate = env.payload.get("limits")
         if gate:
             await self.admission.park(env, gate)
         else:
             await self.send_on(env)
+
+    async def reroute(self, env: Envelope, message=None) -> None:
+        """Routes a task back from a hold or paused queue. Only send_on puts tasks there, so one with
+        limits was admitted already: a second admission would wait, behind the gate's next task, for
+        the very slot this one holds."""
+        _check_task(env)
+        await self.send_on(env)
 
     async def send_on(self, env: Envelope) -> None:
         """Routes a task that may go (it has no limits, or was admitted)."""
@@ -122,7 +128,12 @@ class Dispatcher(Service):
             await self.drainers.pop(queue).stop()
         for queue in wanted - set(self.drainers):
             await self.bus.ensure_work_queue(queue)
-            self.drainers[queue] = await self.bus.consume(queue, self.route, prefetch=64)
+            self.drainers[queue] = await self.bus.consume(queue, self.reroute, prefetch=64)
 
     def is_ready(self) -> bool:
         return super().is_ready() and time.monotonic() - self.refreshed_at < 10 * REFRESH_S + 5
+
+
+def _check_task(env: Envelope) -> None:
+    if env.type != MessageType.TASK or not env.workflow_id or not env.task_id:
+        raise ValueError(f"not a task message: type={env.type.value} subject={env.subject!r}")
