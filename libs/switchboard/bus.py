@@ -23,9 +23,11 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 import aiormq
 import aiormq.abc
+import orjson
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from switchboard import telemetry
+from switchboard import telemetry, wire
+from switchboard.wire import BATCH_HEADER, Acks, Coalescer, settle
 from switchboard.telemetry import Consumed, Published
 from switchboard.protocol import Envelope
 from switchboard.settings import Settings, amqp_username
@@ -69,6 +71,7 @@ class Consumer:
         self._tags: list[tuple[AbstractQueue, str]] = []
         self._active = False  # consuming (started and not paused), so a queue added is consumed at once
         self._in_flight: set[asyncio.Task] = set()
+        self._acks: Acks | None = None  # of the channel's latest deliveries
 
     async def start(self) -> None:
         self._active = True
@@ -106,6 +109,11 @@ class Consumer:
             await self.start()
 
     async def _deliver(self, queue: str, message: AbstractIncomingMessage) -> None:
+        channel = message.channel
+        acks = wire.channel_acks.get(channel)
+        if acks is None:
+            acks = wire.channel_acks[channel] = self._acks = Acks(channel)
+        acks.note(message)  # before any await: in the order the channel got them
         task = asyncio.current_task()
         self._in_flight.add(task)
         try:
@@ -122,41 +130,69 @@ class Consumer:
         telemetry.emit("message.consumed", kind=kind, outcome=outcome)
 
     async def _process_envelope(self, queue: str, kind: str, message: AbstractIncomingMessage) -> str:
-        """Handles one message and settles it; returns how: ok, requeued or dead_lettered."""
-        try:
-            envelope = Envelope.decode(message.body)
-        except ValueError as exc:
-            await self._bus.dead_letter(message, f"unparseable message: {_first_line(exc)}", queue)
-            await message.ack()
-            return "dead_lettered"
+        """Handles one message, or each message of a batch (Coalescer), and settles it; returns how: ok,
+        requeued or dead_lettered. A bad message of a batch is dead-lettered alone. One that cannot go
+        on yet (Transient) has the whole batch requeued, and the handler sees the others again: the bad
+        ones are dead-lettered only on the pass that settles the batch, so once."""
         headers = message.headers or {}
+        if headers.get(BATCH_HEADER):
+            try:
+                items = wire.batch_items(message.body)
+            except ValueError as exc:
+                await self._bus.dead_letter(message, f"unparseable batch: {_first_line(exc)}", queue)
+                await settle(message)
+                return "dead_lettered"
+        else:
+            items = [(headers, message.body)]
+        if len(items) == 1:  # no task of its own, as gather would make
+            try:
+                outcomes = [await self._handle(queue, kind, message, *items[0])]
+            except TRANSIENT as exc:
+                outcomes = [exc]
+        else:
+            outcomes = await asyncio.gather(*(self._handle(queue, kind, message, item_headers, body)
+                                              for item_headers, body in items), return_exceptions=True)
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException) and not isinstance(outcome, TRANSIENT):
+                    raise outcome
+        transient = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if transient is not None:
+            return await self._requeue(queue, message, transient)
+        try:
+            for (item_headers, body), reason in zip(items, outcomes):
+                if reason is not None:
+                    await self._bus.dead_letter(message, reason, queue, item_headers, body)
+        except TRANSIENT as down:  # cannot dead-letter now: try the whole message again later
+            return await self._requeue(queue, message, down)
+        await settle(message)
+        return "dead_lettered" if any(outcomes) else "ok"
+
+    async def _handle(self, queue: str, kind: str, message: AbstractIncomingMessage, headers: dict,
+                      body: bytes | dict) -> str | None:
+        """Runs the handler on one envelope (a message's body, or an item of a batch). Returns None, or
+        why it is to be dead-lettered; raises what is transient."""
+        try:
+            envelope = Envelope.decode(body) if isinstance(body, bytes) else Envelope.model_validate(body)
+        except ValueError as exc:
+            return f"unparseable message: {_first_line(exc)}"
         envelope.traceparent = traceparent_of(headers)
         try:
             await telemetry.consuming(Consumed(queue, kind, headers, envelope, envelope.traceparent),
                                       functools.partial(self._handler, envelope, message))
-        except TRANSIENT as exc:
-            return await self._requeue(queue, message, exc)
+        except TRANSIENT:
+            raise
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("dead-lettering message from %s", queue)
-            try:
-                await self._bus.dead_letter(message, f"{type(exc).__name__}: {_first_line(exc)}", queue)
-            except TRANSIENT as down:  # cannot dead-letter now: try the whole message again later
-                return await self._requeue(queue, message, down)
-            if not message.processed:
-                await message.ack()
-            return "dead_lettered"
-        if not message.processed:
-            await message.ack()
-        return "ok"
+            return f"{type(exc).__name__}: {_first_line(exc)}"
+        return None
 
     async def _requeue(self, queue: str, message: AbstractIncomingMessage, exc: BaseException) -> str:
         log.warning("requeueing message from %s: %s", queue, exc)
         await asyncio.sleep(_TRANSIENT_PAUSE_S)
         try:
-            if not message.processed:
-                await message.nack(requeue=True)
+            await settle(message, requeue=True)
         except TRANSIENT:
             pass  # the channel is gone, and with it the delivery: the broker requeues it by itself
         return "requeued"
@@ -171,9 +207,9 @@ class Consumer:
             return await self._requeue(queue, message, exc)
         except Exception:
             log.exception("dropping message from %s that cannot be processed", queue)
-            await message.reject()
+            await settle(message, drop=True)
             return "dropped"
-        await message.ack()
+        await settle(message)
         return "ok"
 
     async def stop(self, drain_timeout_s: float = 30.0) -> None:
@@ -188,6 +224,8 @@ class Consumer:
                 _, stuck = await asyncio.wait(late, timeout=drain_timeout_s)
                 if stuck:
                     log.warning("%d handlers did not stop when cancelled; closing their channel", len(stuck))
+        if self._acks is not None:
+            await self._acks.flush()
         if not self._channel.is_closed:
             await self._channel.close()
 
@@ -208,6 +246,7 @@ class Bus:
         self.outbox = ""
         self.restricted = False  # this broker user may not declare the topology (an agent's own user)
         self._shared = False  # the connection is another Bus's (share): that one connects and closes it
+        self._coalescers: dict[tuple[str, str], Coalescer] = {}
 
     def share(self, owner: Bus) -> None:
         """Uses `owner`'s connection and publishing channel, once it connected: many agents in one
@@ -218,6 +257,7 @@ class Bus:
     async def connect(self, *, timeout_s: float = 30.0) -> None:
         if self._shared:
             return
+        wire.install()
         self.connection = await asyncio.wait_for(
             aio_pika.connect_robust(
                 self.settings.amqp_url, client_properties={"connection_name": self.source}
@@ -286,17 +326,20 @@ class Bus:
         return self._exchanges[name]
 
     async def publish(
-        self, envelope: Envelope, routing_key: str, *, exchange: str = "", headers: dict | None = None
+        self, envelope: Envelope, routing_key: str, *, exchange: str = "", headers: dict | None = None,
+        coalesce: bool = False,
     ) -> bool:
         """Returns once the broker has confirmed the message: after that it survives a broker restart.
-        False if no queue took it (the broker returned it): a reply to a process that is gone."""
+        False if no queue took it (the broker returned it): a reply to a process that is gone. With
+        `coalesce`, the message may go in one with others for the same queue (Coalescer): for many
+        small messages to a consumer that takes batches (an agent's outcomes, to the aggregator)."""
         return await self._send(envelope.encode(), routing_key, exchange, headers or {}, envelope, {
             "content_type": "application/json", "priority": envelope.priority.amqp,
             "message_id": envelope.message_id, "type": envelope.type.value,
-            "correlation_id": envelope.correlation_id, "reply_to": envelope.reply_to})
+            "correlation_id": envelope.correlation_id, "reply_to": envelope.reply_to}, coalesce)
 
     async def _send(self, body: bytes, routing_key: str, exchange: str, headers: dict, envelope: Envelope | None,
-                    properties: dict) -> bool:
+                    properties: dict, coalesce: bool = False) -> bool:
         """Every publish goes through here, and so through the telemetry seam."""
         exchange = exchange or self.outbox
         destination = routing_key if exchange in ("", self.outbox) else exchange  # the queue it is for
@@ -307,15 +350,28 @@ class Bus:
 
         async def send() -> None:
             nonlocal routed
-            message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                       headers=outgoing.headers, user_id=self.user, **properties)
-            target = await self._exchange(exchange)
-            confirmation = await target.publish(message, routing_key=routing_key)
-            routed = not isinstance(confirmation, aiormq.abc.DeliveredMessage)  # mandatory: returned
+            if coalesce:
+                routed = await self._coalescer(exchange, routing_key).send(body, outgoing.headers, properties)
+            else:
+                routed = await self._publish_now(body, outgoing.headers, properties, exchange, routing_key)
 
         await telemetry.publishing(outgoing, send)
         telemetry.emit("message.published", kind=kind)
         return routed
+
+    async def _publish_now(self, body: bytes, headers: dict, properties: dict, exchange: str, routing_key: str) -> bool:
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                   headers=headers, user_id=self.user, **properties)
+        target = await self._exchange(exchange)
+        confirmation = await target.publish(message, routing_key=routing_key)
+        return not isinstance(confirmation, aiormq.abc.DeliveredMessage)  # mandatory: returned
+
+    def _coalescer(self, exchange: str, routing_key: str) -> Coalescer:
+        key = (exchange, routing_key)
+        if key not in self._coalescers:
+            self._coalescers[key] = Coalescer(functools.partial(self._publish_now, exchange=exchange,
+                                                                routing_key=routing_key))
+        return self._coalescers[key]
 
     async def publish_delayed(self, envelope: Envelope, routing_key: str, delay_s: float) -> None:
         """Delivers to `routing_key` after `delay_s`: the wait happens in RabbitMQ, not in a process."""
@@ -348,18 +404,25 @@ class Bus:
     async def broadcast(self, envelope: Envelope) -> None:
         await self.publish(envelope, "", exchange=self.topology.control)
 
-    async def dead_letter(self, message: AbstractIncomingMessage, reason: str, queue: str) -> None:
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str, queue: str,
+                          headers: dict | None = None, body: bytes | dict | None = None) -> None:
+        """Parks a message in the DLQ with its reason; or, given `body` (and its `headers`), one
+        message of the batch `message` is."""
         if self.restricted:
             # No write permission on the dead-letter exchange (a forged "expired in hold" letter would
             # fail someone's task): the broker dead-letters it, with "rejected" and its queue in x-death.
+            # A batch goes whole: only the platform's aggregator is sent batches, and it is not restricted.
             log.warning("rejecting message from %s: %s", queue, reason)
-            await message.reject()
+            await settle(message, drop=True)
             return
-        headers = dict(message.headers or {})
-        headers[REASON_HEADER] = reason[:1000]
-        headers[QUEUE_HEADER] = queue
-        await self._send(message.body[: self.settings.max_payload_bytes * 4], queue, self.topology.dlx, headers,
-                         None, {"message_id": message.message_id, "content_type": message.content_type})
+        if body is None:
+            headers, body = dict(message.headers or {}), message.body
+        headers = {**(headers or {}), REASON_HEADER: reason[:1000], QUEUE_HEADER: queue}
+        message_id = message.message_id
+        if not isinstance(body, bytes):
+            message_id, body = body.get("message_id") or message_id, orjson.dumps(body)
+        await self._send(body[: self.settings.max_payload_bytes * 4], queue, self.topology.dlx, headers,
+                         None, {"message_id": message_id, "content_type": message.content_type})
 
     async def consume(self, queues: str | list[str], handler: Handler, *, prefetch: int, raw: bool = False,
                       arguments: dict | None = None, paused: bool = False) -> Consumer:

@@ -43,6 +43,7 @@ from switchboard.protocol import CapabilityLimits, Envelope, MessageType, Workfl
 from switchboard.reporter import Reporter
 from switchboard.settings import Settings, get_settings
 from switchboard.telemetry import TaskRun
+from switchboard.wire import settle
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,7 @@ class _Slot:
     async def leave(self) -> None:
         self.give_up()
         self._agent._waiting[asyncio.current_task()] = self
-        if not self._message.processed:
-            await self._message.ack()
+        await settle(self._message)
 
 
 class TaskContext:
@@ -468,7 +468,13 @@ class Agent(runtime.Service):
                 return
             task = asyncio.create_task(handler(context))
             self._running[key] = task
-            announcing = asyncio.create_task(self._announce_start(env, task, started_at))
+            announcing: list[asyncio.Task] = []
+
+            def announce() -> None:  # a timer, not a task per run: most tasks end before it fires
+                if not task.done():
+                    announcing.append(asyncio.ensure_future(self._announce_start(env, started_at)))
+
+            timer = asyncio.get_running_loop().call_later(STARTED_AFTER_S, announce)
             try:
                 async with asyncio.timeout(env.timeout_s) as context._timeout:
                     result = await task
@@ -492,23 +498,19 @@ class Agent(runtime.Service):
             finally:
                 self._running.pop(key, None)
                 context.reporter.close()
-                if not getattr(announcing, "publishing", False):
-                    announcing.cancel()
-                await asyncio.gather(announcing, return_exceptions=True)  # "started" goes out first
+                timer.cancel()
+                await asyncio.gather(*announcing, return_exceptions=True)  # "started" goes out first
         if reply.type == MessageType.ERROR and run.outcome == "succeeded":
             run.outcome = "failed"  # the result itself was refused (too large, not serializable)
         if handler is not None and context._usage["n"]:  # its final totals (see TaskContext.report_usage)
             reply.payload["usage"] = dict(context._usage)
         reply.payload["started_at"] = started_at
-        await self.bus.publish(reply, self.bus.topology.results)
+        # Outcomes of tasks that end together go in one message (Coalescer): the aggregator takes batches.
+        await self.bus.publish(reply, self.bus.topology.results, coalesce=True)
 
-    async def _announce_start(self, env: Envelope, handling: asyncio.Task, started_at: float) -> None:
+    async def _announce_start(self, env: Envelope, started_at: float) -> None:
         """Reports "running" for a task still going after STARTED_AFTER_S (which also starts the
         watchdog's clock); a quicker task just carries started_at in its result: one message fewer."""
-        await asyncio.sleep(STARTED_AFTER_S)
-        if handling.done():
-            return
-        asyncio.current_task().publishing = True
         started = Envelope(type=MessageType.STATUS, subject="started", source=self.name,
                            workflow_id=env.workflow_id, task_id=env.task_id, attempt=env.attempt,
                            payload={"started_at": started_at})
