@@ -84,7 +84,7 @@ class Envelope(BaseModel):
     traceparent: str | None = Field(None, exclude=True)
 
     def encode(self) -> bytes:
-        return orjson.dumps(self.model_dump(mode="json", exclude_defaults=True))
+        return self.model_dump_json(exclude_defaults=True).encode()  # pydantic's own writer: no dict between
 
     @classmethod
     def decode(cls, body: bytes) -> Envelope:
