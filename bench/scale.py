@@ -253,7 +253,8 @@ def amqp_local_ports(pids: dict[str, int], broker_port: int) -> dict[str, set[in
 
 
 async def amqp_octets(platform, api_url: str) -> dict[str, float] | None:
-    """Bytes each process sent to (recv_oct) and got from (send_oct) the broker, per its management API."""
+    """Bytes each process sent to (recv_oct) and got from (send_oct) the broker, and the messages it
+    published, per RabbitMQ's management API."""
     parsed = urlparse(platform.amqp_url)
     ports = amqp_local_ports(platform.pids, parsed.port or 5672)
     try:
@@ -261,14 +262,22 @@ async def amqp_octets(platform, api_url: str) -> dict[str, float] | None:
             response = await mgmt.get(api_url.rstrip("/") + "/api/connections",
                                       params={"columns": "peer_port,recv_oct,send_oct"})
             response.raise_for_status()
+            # AMQP messages as the broker counts them: a batch of coalesced messages (switchboard.wire) is one.
+            channels = await mgmt.get(api_url.rstrip("/") + "/api/channels",
+                                      params={"columns": "connection_details.peer_port,message_stats.publish"})
     except httpx.HTTPError as exc:
         log(f"footprint: RabbitMQ's management API ({api_url}): {exc}; no byte counts")
         return None
     by_port = {c["peer_port"]: c for c in response.json()}
+    published: dict[int, int] = {}
+    for channel in channels.json() if channels.is_success else []:
+        port = (channel.get("connection_details") or {}).get("peer_port")
+        published[port] = published.get(port, 0) + (channel.get("message_stats") or {}).get("publish", 0)
     out = {}
     for name, mine in ports.items():
         out[f"amqp_bytes_to_broker|{name}"] = float(sum(by_port[p].get("recv_oct", 0) for p in mine if p in by_port))
         out[f"amqp_bytes_from_broker|{name}"] = float(sum(by_port[p].get("send_oct", 0) for p in mine if p in by_port))
+        out[f"amqp_messages|{name}"] = float(sum(published.get(p, 0) for p in mine))
     return out
 
 
@@ -395,7 +404,8 @@ def report_footprint(fp: dict) -> None:
     for what, label in (("transactions", "store transactions (all)"), ("write_transactions", "  of which wrote (commits)"),
                         ("keys_written", "keys written (set/clear/range clear)"), ("bytes_written", "bytes written"),
                         ("read_conflict_ranges", "read conflict ranges (reads in writers)"),
-                        ("conflicts", "retried (conflict or busy)"), ("messages", "broker messages published"),
+                        ("conflicts", "retried (conflict or busy)"), ("messages", "messages published (each one)"),
+                        ("amqp_messages", "AMQP messages published (a batch is one)"),
                         ("amqp_bytes_to_broker", "AMQP bytes to the broker"),
                         ("amqp_bytes_from_broker", "AMQP bytes from the broker"), ("cpu_ms", "CPU ms, Switchboard's processes")):
         row(label, lambda r, w=what: r["totals"].get(w, 0.0))
