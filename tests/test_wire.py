@@ -5,12 +5,14 @@ one message (bus.Coalescer)."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import aiormq.abc
 import aiormq.connection
+import pytest
 
 from switchboard import wire
-from switchboard.bus import Bus
+from switchboard.bus import REASON_HEADER, Bus, Transient
 from switchboard.protocol import Envelope, MessageType
 from tests.harness import cleanup, wait_for
 
@@ -42,126 +44,99 @@ async def test_a_closing_frame_ends_the_batch_and_a_lone_frame_goes_as_it_is():
     assert isinstance(alone, aiormq.abc.ChannelFrame) and alone.payload == b"after"
 
 
-async def test_a_burst_of_publishes_reaches_the_broker_whole_and_in_order(settings):
-    assert wire.install() and aiormq.connection.FrameGenerator is wire.CoalescingFrames
+@pytest.fixture
+async def bus(settings):
+    """A connected bus, and a work queue of the test's own (deleted afterwards): bus.test_queue."""
     bus = Bus(settings, "wire-test")
     await bus.connect()
-    queue = bus.topology.capability_queue("wire")
-    got: list[int] = []
+    bus.test_queue = bus.topology.capability_queue("wire")
     try:
-        await bus.ensure_work_queue(queue)
-        sent = [Envelope(type=MessageType.TASK, payload={"n": n, "pad": "x" * (n % 7) * 100}) for n in range(600)]
-        # One publish at a time per task, all at once: the writer finds many frames queued each turn.
-        await asyncio.gather(*(bus.publish(env, queue) for env in sent))
-
-        async def take(env: Envelope, message) -> None:
-            got.append(env.payload["n"])
-
-        consumer = await bus.consume(queue, take, prefetch=600)
-        await wait_for(lambda: len(got) == 600, what="all 600 messages consumed")
-        await consumer.stop()
+        await bus.ensure_work_queue(bus.test_queue)
+        yield bus
     finally:
         await bus.close()
-        await cleanup(settings, {queue}, redis=False)
+        await cleanup(settings, {bus.test_queue}, redis=False)
+
+
+async def consume_until(bus, handler, done, what: str, prefetch: int = 64) -> None:
+    consumer = await bus.consume(bus.test_queue, handler, prefetch=prefetch)
+    await wait_for(done, what=what)
+    await consumer.stop()
+
+
+async def test_a_burst_of_publishes_reaches_the_broker_whole_and_in_order(bus):
+    assert wire.install() and aiormq.connection.FrameGenerator is wire.CoalescingFrames
+    got: list[int] = []
+    sent = [Envelope(type=MessageType.TASK, payload={"n": n, "pad": "x" * (n % 7) * 100}) for n in range(600)]
+    # One publish at a time per task, all at once: the writer finds many frames queued each turn.
+    await asyncio.gather(*(bus.publish(env, bus.test_queue) for env in sent))
+
+    async def take(env: Envelope, message) -> None:
+        got.append(env.payload["n"])
+
+    await consume_until(bus, take, lambda: len(got) == 600, "all 600 messages consumed", prefetch=600)
     assert sorted(got) == list(range(600))  # none lost or garbled (a bad join breaks the framing)
 
 
-async def test_acks_out_of_order_with_requeues_and_dead_letters_settle_each_message_once(settings):
+async def test_acks_out_of_order_with_requeues_and_dead_letters_settle_each_message_once(bus):
     # Handlers finish in a shuffled order; every 10th message fails once (a Transient: requeued) and
     # every 25th is rejected by its handler (dead-lettered). An ack of a wrong or settled tag would close
     # the channel, and the broker would deliver everything unacked again: counted here as extra runs.
-    import random
-
-    from switchboard.bus import Transient
-
-    bus = Bus(settings, "acks-test")
-    await bus.connect()
-    queue = bus.topology.capability_queue("acks")
     runs: dict[int, int] = {}
-    try:
-        await bus.ensure_work_queue(queue)
-        await asyncio.gather(*(bus.publish(Envelope(type=MessageType.TASK, payload={"n": n}), queue)
-                               for n in range(400)))
-        delays = {n: random.random() * 0.02 for n in range(400)}
+    await asyncio.gather(*(bus.publish(Envelope(type=MessageType.TASK, payload={"n": n}), bus.test_queue)
+                           for n in range(400)))
+    delays = {n: random.random() * 0.02 for n in range(400)}
 
-        async def handle(env: Envelope, message) -> None:
-            n = env.payload["n"]
-            runs[n] = runs.get(n, 0) + 1
-            await asyncio.sleep(delays[n])
-            if n % 25 == 0:
-                raise ValueError("refused")  # dead-lettered, then acked
-            if n % 10 == 0 and runs[n] == 1:
-                raise Transient("once")  # nacked, requeued
+    async def handle(env: Envelope, message) -> None:
+        n = env.payload["n"]
+        runs[n] = runs.get(n, 0) + 1
+        await asyncio.sleep(delays[n])
+        if n % 25 == 0:
+            raise ValueError("refused")  # dead-lettered, then acked
+        if n % 10 == 0 and runs[n] == 1:
+            raise Transient("once")  # nacked, requeued
 
-        consumer = await bus.consume(queue, handle, prefetch=64)
-        await wait_for(lambda: len(runs) == 400 and all(runs[n] == 2 for n in range(10, 400, 10) if n % 25),
-                       what="every message handled, the failing ones twice")
-        await consumer.stop()
-        assert await bus.queue_depth(queue) == 0  # nothing left unacked and requeued at the close
-    finally:
-        await bus.close()
-        await cleanup(settings, {queue}, redis=False)
+    await consume_until(bus, handle, lambda: len(runs) == 400 and all(
+        runs[n] == 2 for n in range(10, 400, 10) if n % 25), "every message handled, the failing ones twice")
+    assert await bus.queue_depth(bus.test_queue) == 0  # nothing left unacked and requeued at the close
     assert {n: c for n, c in runs.items() if c != (2 if n % 10 == 0 and n % 25 else 1)} == {}
 
 
-async def test_coalesced_messages_arrive_as_few_batches_each_with_its_own_headers(settings):
-    bus = Bus(settings, "coalesce-test")
-    await bus.connect()
-    queue = bus.topology.capability_queue("coalesce")
+async def test_coalesced_messages_arrive_as_few_batches_each_with_its_own_headers(bus):
     seen: dict[int, str] = {}
     carriers: set[str] = set()
-    try:
-        await bus.ensure_work_queue(queue)
-        envs = [Envelope(type=MessageType.RESULT, payload={"n": n}) for n in range(300)]
-        await asyncio.gather(*(bus.publish(env, queue, headers={"traceparent": f"00-{n:032x}-{n:016x}-01"},
-                                           coalesce=True) for n, env in enumerate(envs)))
+    envs = [Envelope(type=MessageType.RESULT, payload={"n": n}) for n in range(300)]
+    await asyncio.gather(*(bus.publish(env, bus.test_queue, headers={"traceparent": f"00-{n:032x}-{n:016x}-01"},
+                                       coalesce=True) for n, env in enumerate(envs)))
 
-        async def take(env: Envelope, message) -> None:
-            seen[env.payload["n"]] = env.traceparent
-            carriers.add(message.message_id)
+    async def take(env: Envelope, message) -> None:
+        seen[env.payload["n"]] = env.traceparent
+        carriers.add(message.message_id)
 
-        consumer = await bus.consume(queue, take, prefetch=64)
-        await wait_for(lambda: len(seen) == 300, what="all 300 messages handled")
-        await consumer.stop()
-    finally:
-        await bus.close()
-        await cleanup(settings, {queue}, redis=False)
+    await consume_until(bus, take, lambda: len(seen) == 300, "all 300 messages handled")
     assert all(seen[n] == f"00-{n:032x}-{n:016x}-01" for n in range(300))
     assert len(carriers) < 300 // 4  # one in flight at a time: the rest went together
 
 
-async def test_a_bad_message_in_a_batch_is_dead_lettered_alone_and_a_transient_one_retries_the_batch(settings):
-    from switchboard.bus import REASON_HEADER, Transient
-    from switchboard.wire import BATCH_HEADER
-
-    bus = Bus(settings, "batch-test")
-    await bus.connect()
-    queue = bus.topology.capability_queue("batch")
+async def test_a_bad_message_in_a_batch_is_dead_lettered_alone_and_a_transient_one_retries_the_batch(bus):
     runs: dict[int, int] = {}
-    letters: list = []
-    try:
-        await bus.ensure_work_queue(queue)
-        good = [Envelope(type=MessageType.RESULT, payload={"n": n}).encode() for n in range(3)]
-        body = b"[" + b",".join([b'[{},' + e + b']' for e in good] + [b'[{},{"type":"nonsense"}]']) + b"]"
-        await bus._publish_now(body, {BATCH_HEADER: 4}, {"message_id": "batch-1"}, "", queue)
+    good = [Envelope(type=MessageType.RESULT, payload={"n": n}).encode() for n in range(3)]
+    body = b"[" + b",".join([b'[{},' + e + b']' for e in good] + [b'[{},{"type":"nonsense"}]']) + b"]"
+    await bus._publish_now(body, {wire.BATCH_HEADER: 4}, {"message_id": "batch-1"}, "", bus.test_queue)
 
-        async def take(env: Envelope, message) -> None:
-            n = env.payload["n"]
-            runs[n] = runs.get(n, 0) + 1
-            if n == 1 and runs[n] == 1:
-                raise Transient("not yet")
+    async def take(env: Envelope, message) -> None:
+        n = env.payload["n"]
+        runs[n] = runs.get(n, 0) + 1
+        if n == 1 and runs[n] == 1:
+            raise Transient("not yet")
 
-        consumer = await bus.consume(queue, take, prefetch=8)
-        await wait_for(lambda: runs.get(1) == 2, what="the batch requeued and handled again")
-        await consumer.stop()
-        dlq = await bus.connection.channel()
-        while (letter := await (await dlq.get_queue(bus.topology.dlq)).get(fail=False)) is not None:
-            letters.append(letter)
-            await letter.ack()
-    finally:
-        await bus.close()
-        await cleanup(settings, {queue}, redis=False)
+    await consume_until(bus, take, lambda: runs.get(1) == 2, "the batch requeued and handled again", prefetch=8)
+    letters = []
+    dlq = await (await bus.connection.channel()).get_queue(bus.topology.dlq)
+    while (letter := await dlq.get(fail=False)) is not None:
+        letters.append(letter)
+        await letter.ack()
     assert runs == {0: 2, 1: 2, 2: 2}  # the batch was tried again whole, once
-    bad = [m for m in letters if m.headers.get(BATCH_HEADER) is None and b"nonsense" in m.body]
+    bad = [m for m in letters if m.headers.get(wire.BATCH_HEADER) is None and b"nonsense" in m.body]
     assert len(bad) == 1 and b'"type":"nonsense"' in bad[0].body  # that one alone, as its own message
     assert "unparseable message" in bad[0].headers[REASON_HEADER]

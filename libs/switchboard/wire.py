@@ -120,7 +120,7 @@ class Coalescer:
     async def _run(self) -> None:
         try:
             while self._waiting:
-                n = batch_size([len(body) for body, *_ in self._waiting[:BATCH_MESSAGES]])
+                n = batch_length([len(body) for body, *_ in self._waiting[:BATCH_MESSAGES]], BATCH_BYTES)
                 batch, self._waiting = self._waiting[:n], self._waiting[n:]
                 try:
                     if n == 1:
@@ -144,12 +144,13 @@ class Coalescer:
             self._sender = None
 
 
-def batch_size(sizes: list[int]) -> int:
-    """How many of the messages waiting (their sizes) the next batch takes: at least one."""
+def batch_length(sizes: list[int], max_bytes: int) -> int:
+    """How many of the items waiting (their sizes in bytes) the next batch takes: at least one, and no
+    more than fit in max_bytes."""
     total = 0
     for n, size in enumerate(sizes):
         total += size
-        if n and total > BATCH_BYTES:
+        if n and total > max_bytes:
             return n
     return len(sizes)
 

@@ -25,6 +25,7 @@ from switchboard.bus import TRANSIENT, Transient
 from switchboard.protocol import Envelope, MessageType
 from switchboard.runtime import Service
 from switchboard.telemetry import Batch
+from switchboard.wire import batch_length
 from switchboard.workflows import Forged, WorkflowStore, topic_message
 
 log = logging.getLogger(__name__)
@@ -36,17 +37,6 @@ BATCH_BYTES = 4_000_000
 PREFETCH = 1024
 SUSPECT_REFRESH_S = 1.0
 _OUTCOMES = {MessageType.STATUS, MessageType.RESULT, MessageType.ERROR}
-
-
-def batch_length(sizes: list[int]) -> int:
-    """How many of the outcomes waiting (their sizes in bytes) the next batch takes: at least one, and
-    no more than fit in BATCH_BYTES."""
-    total = 0
-    for n, size in enumerate(sizes):
-        total += size
-        if n and total > BATCH_BYTES:
-            return n
-    return len(sizes)
 
 
 class Aggregator(Service):
@@ -88,7 +78,7 @@ class Aggregator(Service):
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.pending:
-                n = batch_length([size for _, _, size, _ in self.pending[:BATCH_MAX]])
+                n = batch_length([size for _, _, size, _ in self.pending[:BATCH_MAX]], BATCH_BYTES)
                 batch = [(env, done, user) for env, done, _, user in self.pending[:n]]
                 self.pending = self.pending[n:]
                 try:
