@@ -43,13 +43,18 @@ async def cluster(processes, settings, tmp_path):
 
         await wait_for(registered, what="the limits agents registered")
         yield client, procs, log
+    for name in ("limits-a", "limits-b", "dispatcher-2"):  # before their queues go: a live agent keeps its own
+        if procs[name].returncode is None:
+            procs[name].kill()
+            await procs[name].wait()
     store = open_store(settings.store_url)  # the gates' queues, which the platform's cleanup cannot name
     try:
         gates = await store.read(lambda tr: limits.gates(tr, settings.namespace))
     finally:
         await store.close()
     topology = Topology(settings.namespace)
-    await cleanup(settings, {topology.limited_queue(g["id"]) for g in gates} | {topology.capability_queue("limited")},
+    await cleanup(settings, {topology.limited_queue(g["id"]) for g in gates} | {
+        topology.capability_queue("limited"), topology.agent_queue("limits-a"), topology.agent_queue("limits-b")},
                   redis=False)
 
 
