@@ -178,7 +178,8 @@ class Acks:
         self._channel = channel  # aiormq's channel, whose delivery tags these are
         self._open: collections.deque[int] = collections.deque()  # noted and unsettled, in delivery order
         self._settled: set[int] = set()  # settled, but behind an open one
-        self._acked_to = 0  # the highest tag acked (or to ack) so far
+        self._refused: set[int] = set()  # of those, the nacked and rejected: no multiple ack ends on one
+        self._acked_to = 0  # the highest tag acked (or to ack) so far; every tag up to it has left _open
         self._sent_to = 0
         self._sending: asyncio.Task | None = None
 
@@ -187,7 +188,7 @@ class Acks:
 
     def settled(self, message: AbstractIncomingMessage) -> bool:
         tag = message.delivery_tag
-        return message.processed or tag <= self._acked_to and tag not in self._open or tag in self._settled
+        return message.processed or tag <= self._acked_to or tag in self._settled
 
     async def ack(self, message: AbstractIncomingMessage) -> None:
         self._done(message.delivery_tag, acked=True)
@@ -201,14 +202,14 @@ class Acks:
         self._done(message.delivery_tag, acked=False)
 
     def _done(self, tag: int, *, acked: bool) -> None:
-        if not acked:
-            self._settled.add(-tag)  # not to be the end of a multiple ack
         self._settled.add(tag)
+        if not acked:
+            self._refused.add(tag)
         while self._open and self._open[0] in self._settled:
             head = self._open.popleft()
             self._settled.discard(head)
-            if -head in self._settled:
-                self._settled.discard(-head)
+            if head in self._refused:
+                self._refused.discard(head)
             else:
                 self._acked_to = head
         if self._acked_to > self._sent_to and self._sending is None:
