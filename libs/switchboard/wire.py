@@ -130,6 +130,8 @@ class Coalescer:
                         routed = await self._publish(body, {BATCH_HEADER: n}, {
                             "content_type": "application/json", "message_id": new_id(), "type": "batch"})
                 except BaseException as exc:
+                    if not isinstance(exc, Exception):  # cancelled (a shutdown): nobody waits in vain
+                        batch, self._waiting = batch + self._waiting, []
                     for *_, sent in batch:
                         if not sent.done():
                             sent.set_exception(exc if isinstance(exc, Exception) else ConnectionError("closing"))

@@ -975,15 +975,24 @@ class WorkflowStore:
         await asyncio.shield(written)
 
     async def _write_notes(self) -> None:
+        """Writes the notes waiting, a transaction at a time. A failed transaction fails its own callers
+        and the next batch is still tried; cancelled (a shutdown), it fails every caller still waiting."""
         try:
             while self._notes:
                 notes, written = self._notes, self._notes_written
                 self._notes, self._notes_written = {}, None
                 try:
                     await self.store.transact(lambda tr: self._note_reasons(tr, notes))
-                except BaseException as exc:
-                    written.set_exception(exc if isinstance(exc, Exception) else RuntimeError("stopped"))
+                except Exception as exc:
+                    written.set_exception(exc)
                     written.exception()  # retrieved here too: its callers may have gone
+                    continue
+                except BaseException:
+                    for future in (written, self._notes_written):
+                        if future is not None and not future.done():
+                            future.set_exception(RuntimeError("stopped"))
+                            future.exception()
+                    self._notes, self._notes_written = {}, None
                     raise
                 written.set_result(None)
         finally:
