@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-import os
+import random
 import time
 from typing import Any
 
@@ -31,8 +31,11 @@ __all__ = [
 
 
 def new_id() -> str:
-    """A 26-char id that sorts by creation time (ms), so listing by key is listing by age."""
-    return f"{time.time_ns() // 1_000_000:013x}{os.urandom(7).hex()[:13]}"
+    """A 26-char id that sorts by creation time (ms), so listing by key is listing by age. Its 52 random
+    bits need to be unique, not secret (who may see a workflow is checked, not guessed): the random
+    module's generator, seeded from the OS, saves the getrandom syscall os.urandom makes per id, and a
+    process makes several ids per task."""
+    return f"{time.time_ns() // 1_000_000:013x}{random.getrandbits(52):013x}"
 
 
 class Priority(str, enum.Enum):

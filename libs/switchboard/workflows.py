@@ -286,8 +286,11 @@ class WorkflowStore:
     # ---- intake -----------------------------------------------------------------------------------
     def _create(self, tr: Transaction, spec: WorkflowSpec, idempotency_key: str | None,
                 parent: dict | None, reply_to: str | None, correlation_id: str | None,
-                traceparent: str | None, owner: str | None = None, seal=None) -> tuple[str, bool]:
-        """Stores a new workflow, pending; returns its id and True, or the known one's id and False."""
+                traceparent: str | None, owner: str | None = None, seal=None, start: FollowUps | None = None
+                ) -> tuple[str, bool]:
+        """Stores a new workflow, pending; returns its id and True, or the known one's id and False. With
+        `start` (for a workflow in which no task waits for another), it is stored running instead, its
+        tasks queued, their messages in `start`: each record is written once, as _take_up would leave it."""
         digest = spec_digest(spec)
         if idempotency_key:
             raw = tr.get(pack(self.ns, "idem", idempotency_key))
@@ -307,8 +310,9 @@ class WorkflowStore:
         for t in spec.tasks:
             for p in t.depends_on:
                 children[p].append(t.id)
+        status = "pending" if start is None else "running"
         wf = {
-            "id": wf_id, "name": spec.name, "status": "pending", "created_at": now, "updated_at": now,
+            "id": wf_id, "name": spec.name, "status": status, "created_at": now, "updated_at": now,
             "task_ids": [t.id for t in spec.tasks], "remaining": len(spec.tasks), "parent": parent,
             "reply_to": reply_to, "correlation_id": correlation_id, "idempotency_key": idempotency_key,
             "epoch": 0, "traceparent": traceparent, "owner": owner, "root": wf_id,
@@ -324,7 +328,7 @@ class WorkflowStore:
         _note(tr, ("wf", wf_id), lambda: stream.workflow_change(wf))
         if wf["owner"]:
             tr.set(pack(self.ns, "owned", wf["owner"], wf_id), b"")
-        tr.set(self._status_key("pending", wf_id), b"")
+        tr.set(self._status_key(status, wf_id), b"")
         tr.set(pack(self.ns, "unscheduled", wf_id), orjson.dumps(now))
         default_retry = {"base_s": 0.5, "max_s": 30.0}
         capability_limits = {c: limits.defaults(tr, self.ns, c) for c in {t.capability for t in spec.tasks}}
@@ -345,7 +349,10 @@ class WorkflowStore:
                 started_at=None, finished_at=None, deadline=None, progress=None, checkpoint=None, input=None,
                 answers={}, waited_s=0.0,
             )
-            self._write_task(tr, wf_id, task)
+            if start is None:
+                self._write_task(tr, wf_id, task)
+            else:
+                self._queue_task(tr, wf, task, {}, start)
         if idempotency_key:
             tr.set(pack(self.ns, "idem", idempotency_key), orjson.dumps({"workflow_id": wf_id, "digest": digest}))
         return wf_id, True
@@ -365,12 +372,13 @@ class WorkflowStore:
             ids, started, out = [], [], FollowUps()
             for i, spec in enumerate(specs):
                 key = idempotency_key if len(specs) == 1 else (idempotency_key and f"{idempotency_key}#{i}")
-                wf_id, new = self._create(tr, spec, key, None, None, None, traceparent, owner, seal)
+                startable = not any(t.depends_on for t in spec.tasks)
+                wf_id, new = self._create(tr, spec, key, None, None, None, traceparent, owner, seal,
+                                          start=out if startable else None)
                 ids.append(wf_id)
                 if new:
                     out.events += _submitted(spec)
-                    if not any(t.depends_on for t in spec.tasks):
-                        self._take_up(tr, wf_id, out, {})
+                    if startable:
                         started.append(wf_id)
             return ids, started, out
 
