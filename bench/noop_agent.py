@@ -7,7 +7,6 @@ bench/run.py starts it as its own process next to the six services.
 
 from __future__ import annotations
 
-import os
 import time
 
 from switchboard import Agent, runtime
@@ -31,8 +30,4 @@ def build(settings: Settings | None = None) -> Agent:
 
 
 if __name__ == "__main__":
-    if os.environ.get("BENCH_UVLOOP"):  # bench/run.py --uvloop: an experiment, off by default
-        import uvloop
-
-        uvloop.install()
     runtime.run(build())

@@ -1,7 +1,7 @@
 """Switchboard benchmark, with Celery 5 and Dramatiq as baselines, on the local RabbitMQ and Redis (`make bench`).
 
     python bench/run.py [--noop N] [--workflows N] [--latency-tasks N] [--stream-chunks N] [--skip-celery]
-                        [--skip-dramatiq] [--agent-concurrency C] [--batch B] [--parallel P] [--uvloop]
+                        [--skip-dramatiq] [--agent-concurrency C] [--batch B] [--parallel P] [--rounds R]
     python bench/run.py --scale [--scale-backlog N] [--scale-fanout N] [--scale-chain N]
     python bench/run.py --footprint [--footprint-noop N] [--footprint-dag N] [--footprint-batch B]
                         [--footprint-store-options OPTIONS]
@@ -215,7 +215,7 @@ class RssSampler(threading.Thread):
 # ---------------------------------------------------------------------------------------------------
 class Platform:
     def __init__(self, *, amqp_url: str, redis_url: str, agent_concurrency: int, log_level: str,
-                 uvloop: bool = False, stream: bool = False, env: dict[str, str] | None = None,
+                 stream: bool = False, env: dict[str, str] | None = None,
                  store_options: str = ""):
         self.amqp_url, self.redis_url = amqp_url, redis_url
         self.extra_env = dict(env or {})  # more SWITCHBOARD_* settings for every process (e.g. --scale's)
@@ -229,7 +229,6 @@ class Platform:
             self.health_ports["stream-agent"] = free_port()
         self.agent_concurrency = agent_concurrency
         self.log_level = log_level
-        self.uvloop = uvloop
         self.procs: dict[str, subprocess.Popen] = {}
         self.sampler: RssSampler | None = None
         self._logs: list = []
@@ -248,7 +247,7 @@ class Platform:
             SWITCHBOARD_AMQP_URL=self.amqp_url, SWITCHBOARD_REDIS_URL=self.redis_url,
             SWITCHBOARD_STORE_URL=self.store_url, SWITCHBOARD_NAMESPACE=self.namespace,
             SWITCHBOARD_API_PORT=str(self.api_port), SWITCHBOARD_LOG_LEVEL=self.log_level,
-            SWITCHBOARD_AGENT_CONCURRENCY=str(self.agent_concurrency), BENCH_UVLOOP="1" if self.uvloop else "",
+            SWITCHBOARD_AGENT_CONCURRENCY=str(self.agent_concurrency),
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         )
         if name != "api":
@@ -258,10 +257,6 @@ class Platform:
 
     def start(self) -> None:
         commands = {name: [sys.executable, "-m", "switchboard.cli", "serve", name] for name in SERVICES}
-        if self.uvloop:  # experiment: the same services on uvloop's event loop (not what `serve` does)
-            script = ("import sys, uvloop; uvloop.install(); "
-                      "from switchboard.cli import main; sys.exit(main(['serve', sys.argv[1]]))")
-            commands = {name: [sys.executable, "-c", script, name] for name in SERVICES}
         commands["agent"] = [sys.executable, str(BENCH / "noop_agent.py")]
         if "stream-agent" in self.health_ports:
             commands["stream-agent"] = [sys.executable, str(BENCH / "stream_agent.py")]
@@ -847,12 +842,12 @@ def run_platform(args, work, **options) -> tuple[dict, RssSampler]:
 
 
 def run_switchboard(args) -> dict:
-    results, sampler = run_platform(args, bench_switchboard, uvloop=args.uvloop, stream=bool(args.stream_chunks))
+    results, sampler = run_platform(args, bench_switchboard, stream=bool(args.stream_chunks))
     results["peak_rss_mb"] = sampler.peaks_mb()
     results["peak_rss_mb_by_workload"] = sampler.phase_peaks_mb()
     results["config"] = {"agent_concurrency": args.agent_concurrency, "batch": args.batch,
                          "parallel_requests": args.parallel, "store": "sqlite (WAL)",
-                         "log_level": args.log_level, "uvloop": args.uvloop}
+                         "log_level": args.log_level}
     return results
 
 
@@ -997,13 +992,47 @@ def report(sb: dict, baselines: dict[str, dict | None], args) -> dict:
     cfg = sb["config"]
     lines.append("")
     lines.append(f"config: agent concurrency (= prefetch) {cfg['agent_concurrency']}, {cfg['batch']} workflows "
-                 f"per batch request, {cfg['parallel_requests']} requests in parallel, store {cfg['store']}"
-                 + (", uvloop (experiment)" if cfg.get("uvloop") else ""))
+                 f"per batch request, {cfg['parallel_requests']} requests in parallel, store {cfg['store']}")
     for key, flag in (("celery", "--skip-celery"), ("dramatiq", "--skip-dramatiq")):
         if baselines.get(key) is None:
             lines.append(f"{key}: skipped ({flag})")
     print("\n".join(lines), flush=True)
     return {"rows": rows, "summary": summary}
+
+
+def median_of(results: list):
+    """The results of several rounds as one: each number the median of its values, leaf by leaf (a
+    list or tuple of numbers element by element); anything else as the first round has it."""
+    first = results[0]
+    if isinstance(first, bool) or first is None or isinstance(first, str):
+        return first
+    if isinstance(first, (int, float)):
+        values = [r for r in results if isinstance(r, (int, float))]
+        median = statistics.median(values)
+        return round(median) if isinstance(first, int) else round(median, 3)
+    if isinstance(first, dict):
+        return {key: median_of([r[key] for r in results if isinstance(r, dict) and key in r]) for key in first}
+    if isinstance(first, (list, tuple)) and all(isinstance(r, (list, tuple)) and len(r) == len(first) for r in results):
+        return type(first)(median_of([r[i] for r in results]) for i in range(len(first)))
+    return first
+
+
+def report_rounds(rounds: list[tuple[dict, dict]]) -> dict:
+    """Each round's throughput ratios, and their medians: the host's speed drifts between rounds, so
+    a round's ratio compares systems measured minutes apart at most."""
+    ratios: dict[str, list[float]] = {}
+    lines = ["", "throughput ratio switchboard / baseline, round by round (then their median):"]
+    for key, label in (("noop", "no-op"), ("dag", "DAG")):
+        for name in BASELINES:
+            values = [round(mine[key]["tasks_per_s"] / theirs[name][key]["tasks_per_s"], 2)
+                      for mine, theirs in rounds
+                      if key in mine and theirs.get(name) and theirs[name].get(key, {}).get("tasks_per_s")]
+            if values:
+                ratios[f"{key}_{name}"] = values
+                lines.append(_row(f"  {label} vs {name.replace('_', '+')}", *(f"{v:.2f}x" for v in values))
+                             + f"   median {statistics.median(values):.2f}x")
+    print("\n".join(lines), flush=True)
+    return {"ratios": ratios, "median": {k: statistics.median(v) for k, v in ratios.items()}}
 
 
 def _interrupt(signum, frame) -> None:
@@ -1026,8 +1055,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="workflows per POST /v1/workflows/batch (<= 1000)")
     parser.add_argument("--parallel", type=int, default=int(os.environ.get("BENCH_PARALLEL", "4")),
                         help="batch requests in flight at once")
-    parser.add_argument("--uvloop", action="store_true",
-                        help="experiment: run every process on uvloop (Switchboard itself uses asyncio's loop)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run Switchboard and every baseline this many times, one after the other, and "
+                             "report the medians and each round's ratios (the host's speed drifts)")
     parser.add_argument("--log-level", default="WARNING", help="SWITCHBOARD_LOG_LEVEL of the processes")
     parser.add_argument("--amqp-url", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"))
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
@@ -1063,29 +1093,40 @@ def main(argv: list[str] | None = None) -> int:
     log(f"Switchboard: {args.noop} no-op tasks, {args.workflows} DAG workflows, "
         f"{args.latency_tasks} latency tasks at {LATENCY_RATE:.0f}/s, "
         f"{args.stream_chunks} streamed chunks at {STREAM_RATE:.0f}/s")
+    rounds: list[tuple[dict, dict]] = []
     try:
-        sb = run_switchboard(args)
-        baselines = dict.fromkeys(BASELINES)
-        if not args.skip_celery:
-            log("Celery 5 baseline (prefork, 2 processes, Redis result backend)")
-            baselines["celery"] = run_baseline(args, "celery_baseline")
-            log(f"celery: {baselines['celery']}")
-        if not args.skip_dramatiq:
-            for key, confirms in (("dramatiq", False), ("dramatiq_confirms", True)):
-                log(f"Dramatiq baseline (2 processes x 8 threads, Redis results), confirm_delivery={confirms}")
-                baselines[key] = run_baseline(args, "dramatiq_baseline", confirms=confirms)
-                log(f"{key}: {baselines[key]}")
+        for n in range(args.rounds):
+            if args.rounds > 1:
+                log(f"round {n + 1} of {args.rounds}")
+            sb = run_switchboard(args)
+            baselines = dict.fromkeys(BASELINES)
+            if not args.skip_celery:
+                log("Celery 5 baseline (prefork, 2 processes, Redis result backend)")
+                baselines["celery"] = run_baseline(args, "celery_baseline")
+                log(f"celery: {baselines['celery']}")
+            if not args.skip_dramatiq:
+                for key, confirms in (("dramatiq", False), ("dramatiq_confirms", True)):
+                    log(f"Dramatiq baseline (2 processes x 8 threads, Redis results), confirm_delivery={confirms}")
+                    baselines[key] = run_baseline(args, "dramatiq_baseline", confirms=confirms)
+                    log(f"{key}: {baselines[key]}")
+            rounds.append((sb, baselines))
     except KeyboardInterrupt:
         log("interrupted")
         return 130
+    sb = median_of([mine for mine, _ in rounds])
+    baselines = {key: None if any(theirs[key] is None for _, theirs in rounds)
+                 else median_of([theirs[key] for _, theirs in rounds]) for key in BASELINES}
     table = report(sb, baselines, args)
+    if args.rounds > 1:
+        table["rounds"] = report_rounds(rounds)
     wall = round(time.monotonic() - began, 1)
     print(f"\ntotal wall time {wall} s; results in {args.json}", flush=True)
     data = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host_cpus": os.cpu_count(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "targets": {"ratio": TARGET_RATIO, "p50_ms": TARGET_P50_MS, "p99_ms": TARGET_P99_MS,
                         "rss_mb": TARGET_RSS_MB, "stream_p99_ms": TARGET_STREAM_P99_MS},
-            "switchboard": sb, **baselines, "table": table, "wall_seconds": wall}
+            "switchboard": sb, **baselines, "table": table, "wall_seconds": wall,
+            "rounds": [{"switchboard": mine, **theirs} for mine, theirs in rounds] if args.rounds > 1 else None}
     args.json.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 

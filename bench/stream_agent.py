@@ -11,7 +11,6 @@ chunk does not push back the ones after it). A chunk is "<i>,<time.time()>;".
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 
 from switchboard import Agent, runtime
@@ -41,8 +40,4 @@ def build(settings: Settings | None = None) -> Agent:
 
 
 if __name__ == "__main__":
-    if os.environ.get("BENCH_UVLOOP"):
-        import uvloop
-
-        uvloop.install()
     runtime.run(build())
