@@ -95,6 +95,19 @@ class ChunkedValues(Transaction):
 
     def __init__(self, tr: Transaction, limit: int):
         self._tr, self._limit = tr, limit
+        # What this transaction has seen of keys' stored form, so that a set or clear of a key that holds
+        # no chunks skips the range clear of its chunks (half of all mutations otherwise). Per key: True
+        # if it holds none (absent or inline), False if chunked; and key ranges read whole or cleared,
+        # whose keys hold none unless said otherwise. A read in this transaction is enough to rely on:
+        # the transaction is serializable, so one that changed the key meanwhile makes it conflict.
+        self._unchunked: dict[bytes, bool] = {}
+        self._bare_ranges: list[tuple[bytes, bytes]] = []
+
+    def _holds_no_chunks(self, key: bytes) -> bool:
+        known = self._unchunked.get(key)
+        if known is not None:
+            return known
+        return any(begin <= key < end for begin, end in self._bare_ranges)
 
     @staticmethod
     def _chunk_range(begin: bytes, end: bytes) -> tuple[bytes, bytes]:
@@ -116,29 +129,42 @@ class ChunkedValues(Transaction):
 
     def get(self, key: bytes) -> bytes | None:
         stored = self._tr.get(key)
+        self._unchunked[key] = stored is None or stored[0] == _INLINE
         return None if stored is None else self._decode(key, stored)
 
     def set(self, key: bytes, value: bytes) -> None:
-        self._tr.clear_range(*self._chunks_of(key))  # a blind write; no read of what was there
+        if not self._holds_no_chunks(key):
+            self._tr.clear_range(*self._chunks_of(key))  # blind: what was there is not known
         if len(value) < self._limit:
             self._tr.set(key, bytes([_INLINE]) + value)
+            self._unchunked[key] = True
             return
         count = -(-len(value) // self._limit)
         for i in range(count):
             self._tr.set(_CHUNKS + fdb.tuple.pack((key, i)), value[i * self._limit:(i + 1) * self._limit])
         self._tr.set(key, bytes([_CHUNKED]) + count.to_bytes(4, "big"))
+        self._unchunked[key] = False
 
     def clear(self, key: bytes) -> None:
         self._tr.clear(key)
-        self._tr.clear_range(*self._chunks_of(key))
+        if not self._holds_no_chunks(key):
+            self._tr.clear_range(*self._chunks_of(key))
+        self._unchunked[key] = True
 
     def get_range(self, begin, end, *, limit=0, reverse=False):
-        return [(key, self._decode(key, stored))
-                for key, stored in self._tr.get_range(begin, end, limit=limit, reverse=reverse)]
+        rows = self._tr.get_range(begin, end, limit=limit, reverse=reverse)
+        for key, stored in rows:
+            self._unchunked[key] = stored[0] == _INLINE
+        if not limit or len(rows) < limit:  # read whole: a key of the range it did not return is absent
+            self._bare_ranges.append((begin, end))
+        return [(key, self._decode(key, stored)) for key, stored in rows]
 
     def clear_range(self, begin: bytes, end: bytes) -> None:
         self._tr.clear_range(begin, end)
         self._tr.clear_range(*self._chunk_range(begin, end))
+        self._bare_ranges.append((begin, end))
+        for key in [k for k, bare in self._unchunked.items() if not bare and begin <= k < end]:
+            self._unchunked[key] = True
 
 
 class Store(abc.ABC):
