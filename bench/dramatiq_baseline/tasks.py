@@ -8,6 +8,7 @@ import os
 import time
 
 import dramatiq
+import redis
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import GroupCallbacks
 from dramatiq.rate_limits.backends import RedisBackend as BarrierBackend
@@ -18,7 +19,10 @@ QUEUE = os.environ.get("BENCH_DRAMATIQ_QUEUE", "bench-dramatiq")
 REDIS_URL = os.environ.get("BENCH_DRAMATIQ_REDIS_URL", "redis://127.0.0.1:6379/13")
 TTL_MS = 600_000  # results and group barriers expire: the bench leaves no long-lived keys in redis
 
-results = RedisBackend(url=REDIS_URL, namespace=QUEUE, use_namespace_prefix_keys=True)  # keys "<QUEUE>:..."
+# No socket timeout: the client waits for each result with a blocking BRPOPLPUSH, which redis-py's default
+# of 5 s (redis-py 8) would cut short whenever a result takes longer than that to come.
+results = RedisBackend(client=redis.Redis.from_url(REDIS_URL, socket_timeout=None), namespace=QUEUE,
+                       use_namespace_prefix_keys=True)  # keys "<QUEUE>:..."
 broker = RabbitmqBroker(url=os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
                         confirm_delivery=os.environ.get("BENCH_DRAMATIQ_CONFIRM") == "1")
 broker.add_middleware(Results(backend=results, result_ttl=TTL_MS))
