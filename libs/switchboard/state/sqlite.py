@@ -22,10 +22,10 @@ _MAX_TRIES = 10
 # Each try waits up to this long for another process's write lock: at most ~50 s before StoreUnavailable.
 _LOCK_WAIT_S = 5.0
 # How often a transaction asks again for a lock another process holds. SQLite's own busy handler sleeps
-# 1, 2, 5, 10, 15... ms between its tries, while a transaction here holds the lock for a fraction of a
-# millisecond: one api transaction in ten then waited a millisecond or more for the aggregator's (and the
-# other way round), the largest part of a task's submit-to-start p99. Asking from 50 us up to every 2 ms
-# takes the lock soon after it is free.
+# 1, 2, 5, 10, 15... ms between its tries, while a transaction here mostly holds the lock for a fraction
+# of a millisecond: at 200 tasks/s, about one api transaction in ten waited a millisecond or more for the
+# aggregator's (and the other way round). Asking from 50 us up to every 2 ms takes the lock soon after
+# it is free (bench/sqlite_locks.py).
 _FIRST_PAUSE_S = 0.00005
 _MAX_PAUSE_S = 0.002
 
