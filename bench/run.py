@@ -52,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -1000,6 +1001,22 @@ def report(sb: dict, baselines: dict[str, dict | None], args) -> dict:
     return {"rows": rows, "summary": summary}
 
 
+def run_round(args) -> tuple[dict, dict]:
+    """Switchboard, then each baseline not skipped: (Switchboard's results, each baseline's or None)."""
+    sb = run_switchboard(args)
+    baselines = dict.fromkeys(BASELINES)
+    if not args.skip_celery:
+        log("Celery 5 baseline (prefork, 2 processes, Redis result backend)")
+        baselines["celery"] = run_baseline(args, "celery_baseline")
+        log(f"celery: {baselines['celery']}")
+    if not args.skip_dramatiq:
+        for key, confirms in (("dramatiq", False), ("dramatiq_confirms", True)):
+            log(f"Dramatiq baseline (2 processes x 8 threads, Redis results), confirm_delivery={confirms}")
+            baselines[key] = run_baseline(args, "dramatiq_baseline", confirms=confirms)
+            log(f"{key}: {baselines[key]}")
+    return sb, baselines
+
+
 def median_of(results: list):
     """The results of several rounds as one: each number the median of its values, leaf by leaf (a
     list or tuple of numbers element by element); anything else as the first round has it."""
@@ -1094,21 +1111,19 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.latency_tasks} latency tasks at {LATENCY_RATE:.0f}/s, "
         f"{args.stream_chunks} streamed chunks at {STREAM_RATE:.0f}/s")
     rounds: list[tuple[dict, dict]] = []
+    failed = False
     try:
         for n in range(args.rounds):
             if args.rounds > 1:
                 log(f"round {n + 1} of {args.rounds}")
-            sb = run_switchboard(args)
-            baselines = dict.fromkeys(BASELINES)
-            if not args.skip_celery:
-                log("Celery 5 baseline (prefork, 2 processes, Redis result backend)")
-                baselines["celery"] = run_baseline(args, "celery_baseline")
-                log(f"celery: {baselines['celery']}")
-            if not args.skip_dramatiq:
-                for key, confirms in (("dramatiq", False), ("dramatiq_confirms", True)):
-                    log(f"Dramatiq baseline (2 processes x 8 threads, Redis results), confirm_delivery={confirms}")
-                    baselines[key] = run_baseline(args, "dramatiq_baseline", confirms=confirms)
-                    log(f"{key}: {baselines[key]}")
+            try:
+                sb, baselines = run_round(args)
+            except Exception:
+                if not rounds:
+                    raise
+                log(f"round {n + 1} failed; reporting the {len(rounds)} that finished:\n{traceback.format_exc()}")
+                failed = True
+                break
             rounds.append((sb, baselines))
     except KeyboardInterrupt:
         log("interrupted")
@@ -1128,7 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
             "switchboard": sb, **baselines, "table": table, "wall_seconds": wall,
             "rounds": [{"switchboard": mine, **theirs} for mine, theirs in rounds] if args.rounds > 1 else None}
     args.json.write_text(json.dumps(data, indent=2) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
