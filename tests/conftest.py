@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tests.harness import Platform, make_settings, service_processes
+from tests.harness import NAMESPACES, Platform, make_settings, service_processes, sweep_broker
 
 
 def _from_container(kind: str):
@@ -47,7 +47,10 @@ def _url(env: str, kind: str, server: str):
 
 @pytest.fixture(scope="session")
 def amqp_url():
-    yield from _url("AMQP_URL", "amqp", "RabbitMQ")
+    for url in _url("AMQP_URL", "amqp", "RabbitMQ"):
+        yield url
+        # After the last test: nothing of this run's namespaces stays on a shared broker.
+        sweep_broker(url, NAMESPACES)
 
 
 @pytest.fixture(scope="session")
