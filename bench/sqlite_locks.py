@@ -13,14 +13,10 @@ import argparse
 import asyncio
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "libs"))
-
-from switchboard.state.sqlite import SqliteStore  # noqa: E402
+from switchboard.state.sqlite import SqliteStore
 
 
 def _worker(path: str, n: int, results: multiprocessing.Queue) -> None:

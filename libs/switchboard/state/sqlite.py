@@ -119,7 +119,7 @@ class SqliteStore(Store):
                 return db
             except sqlite3.OperationalError as exc:
                 db.close()
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                if not _busy(exc):
                     raise
                 last = exc
                 _backoff(attempt)
@@ -146,19 +146,15 @@ class SqliteStore(Store):
                 db.execute("COMMIT")
                 observed(fn, began, attempt, counted)
                 return result
-            except sqlite3.OperationalError as exc:
+            except BaseException as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-                if not _busy(exc):
+                if not (isinstance(exc, sqlite3.OperationalError) and _busy(exc)):
                     raise
                 # A read that found the file busy (a reader in WAL mode, rarely): the transaction runs
                 # again, as a transaction function may (the FoundationDB backend's retry loop does too).
                 last = exc
                 _backoff(attempt)
-            except BaseException:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
         raise StoreUnavailable(f"sqlite store busy after {_MAX_TRIES} tries: {last}")
 
     async def transact(self, fn, /, *args, **kwargs):
